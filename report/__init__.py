@@ -1,0 +1,1 @@
+"""Event files → tables, figures and a lab report."""

@@ -1,0 +1,1 @@
+"""Experiment files → grids of Keras runs logged to TensorBoard."""

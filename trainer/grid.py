@@ -1,0 +1,89 @@
+"""Run every cell of an experiment's grid, skipping finished runs, with progress and ETA."""
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TextIO
+
+from trainer import data as datasets
+from trainer.manifest import write_json_atomic
+from trainer.run import is_reusable, run_config, train_run
+from trainer.spec import Experiment
+from trainer.tblog import write_hparams_config
+
+EXPERIMENT_MANIFEST = "experiment.json"
+
+
+class LogDirError(Exception):
+    """The log root cannot be written; raised before any training starts."""
+
+
+def check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise LogDirError(f"cannot write to the log folder {folder}: {exc.strerror or exc}; "
+                          "choose another with --logdir (LOGDIR= with make)") from None
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _metrics(final: dict) -> str:
+    keys = ("loss", "accuracy", "val_loss", "val_accuracy")
+    return " ".join(f"{k}={final[k]:.4f}" for k in keys if isinstance(final.get(k), float))
+
+
+def run_grid(experiment: Experiment, *, logdir: Path, verbose: int = 0,
+             allow_download: bool = True, out: TextIO = sys.stdout) -> int:
+    """Train the grid into `logdir/<experiment>/`; 0 when every run finished, 1 if any failed."""
+    exp_dir = logdir / experiment.name
+    check_writable(exp_dir)
+    data = datasets.load(experiment.dataset, validation=experiment.validation,
+                         limit=experiment.limit, path=experiment.data_path,
+                         allow_download=allow_download)
+    d = data.describe()
+    print(f"{experiment.name}: {len(experiment.runs)} runs on {d['name']} from {d['source']} "
+          f"({d['train_examples']} train / {d['validation_examples']} validation, {d['validation']})",
+          file=out, flush=True)
+    names = [experiment.run_name(spec) for spec in experiment.runs]
+    write_json_atomic(exp_dir / EXPERIMENT_MANIFEST, {
+        "experiment": experiment.to_dict(), "dataset": d, "runs": names,
+    })
+    write_hparams_config(exp_dir, experiment)
+    stale = sorted(p.name for p in exp_dir.iterdir() if p.is_dir() and p.name not in names)
+    if stale:
+        print(f"note: {len(stale)} run folder(s) not in this grid are left as they are: "
+              f"{', '.join(stale[:5])}{' …' if len(stale) > 5 else ''}", file=out, flush=True)
+
+    total, counts, trained_seconds, trained = len(names), {}, 0.0, 0
+    for i, (spec, name) in enumerate(zip(experiment.runs, names), start=1):
+        run_dir = exp_dir / name
+        done = is_reusable(run_dir, run_config(experiment, spec, data))
+        if done:
+            counts["skipped"] = counts.get("skipped", 0) + 1
+            print(f"run {i}/{total} {name}: already {done['status']}, skipped", file=out, flush=True)
+            continue
+        print(f"run {i}/{total} {name}: start", file=out, flush=True)
+        t0 = time.perf_counter()
+        manifest = train_run(experiment, spec, data, run_dir, verbose=verbose)
+        trained_seconds += time.perf_counter() - t0
+        trained += 1
+        status = manifest["status"]
+        counts[status] = counts.get(status, 0) + 1
+        left = sum(1 for s, n in zip(experiment.runs[i:], names[i:])
+                   if not is_reusable(exp_dir / n, run_config(experiment, s, data)))
+        eta = f", ETA {_duration(trained_seconds / trained * left)}" if left else ""
+        detail = manifest.get("error", "") if status == "failed" else _metrics(manifest["final"])
+        print(f"run {i}/{total} {name}: {status} in {manifest['wall_seconds']:.1f}s {detail}{eta}",
+              file=out, flush=True)
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    print(f"{experiment.name}: grid done ({summary}); logs in {exp_dir}", file=out, flush=True)
+    return 1 if counts.get("failed") else 0

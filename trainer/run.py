@@ -1,0 +1,112 @@
+"""Train one run of a grid and log it in the layout the report reads."""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainer.data import Dataset
+from trainer.manifest import MANIFEST, hardware, library_versions, read_manifest, write_json_atomic
+from trainer.models import build_model, make_optimizer, summarize
+from trainer.spec import Experiment, RunSpec
+from trainer.tblog import EpochScalars, write_run_hparams
+
+SPLITS = ("train", "validation")
+
+
+def run_config(experiment: Experiment, spec: RunSpec, data: Dataset) -> dict:
+    """What decides a run's numbers; a finished run is reused only if this matches."""
+    return {
+        "spec": spec.to_dict(), "dataset": data.name, "validation": experiment.validation,
+        "limit": experiment.limit, "train_examples": int(len(data.x_train)),
+        "validation_examples": int(len(data.x_val)),
+    }
+
+
+def is_reusable(run_dir: Path, config: dict) -> dict | None:
+    """The manifest of a finished run with the same config, else None."""
+    manifest = read_manifest(run_dir)
+    if manifest and manifest.get("status") in ("complete", "diverged") and manifest.get("config") == config:
+        return manifest
+    return None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def train_run(experiment: Experiment, spec: RunSpec, data: Dataset, run_dir: Path, *,
+              verbose: int = 0) -> dict:
+    """Train from scratch into `run_dir` and return the final manifest.
+
+    Any earlier attempt's files are removed first, so TensorBoard never sees two
+    copies of a step. A KeyboardInterrupt marks the run interrupted and propagates.
+    """
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    config = run_config(experiment, spec, data)
+    manifest = {
+        "experiment": experiment.name, "run": run_dir.name, "config": config,
+        "spec": spec.to_dict(), "seed": spec.seed, "status": "running",
+        "start_time": _now(), "end_time": None, "wall_seconds": None, "steps": 0,
+        "examples_seen": 0, "epochs_completed": 0, "final": {},
+        "dataset": data.describe(), "steps_per_execution": experiment.steps_per_execution,
+        "versions": library_versions(), "hardware": hardware(),
+    }
+    write_json_atomic(run_dir / MANIFEST, manifest)
+
+    keras.utils.set_random_seed(spec.seed)
+    model = build_model(spec, input_shape=data.x_train.shape[1:], classes=int(data.y_train.max()) + 1)
+    model.compile(optimizer=make_optimizer(spec), loss=spec.loss, metrics=["accuracy"],
+                  steps_per_execution=experiment.steps_per_execution)
+    manifest["model"] = summarize(model)
+    write_run_hparams(run_dir, spec, trial_id=run_dir.name)
+
+    y_train, y_val = data.y_train, data.y_val
+    if spec.loss == "categorical_crossentropy":
+        classes = int(data.y_train.max()) + 1
+        y_train, y_val = (keras.utils.to_categorical(y, classes) for y in (y_train, y_val))
+    writers = {s: tf.summary.create_file_writer(str(run_dir / s)) for s in SPLITS}
+    scalars = EpochScalars(writers["train"], writers["validation"])
+    start = time.perf_counter()
+    try:
+        with writers["train"].as_default():
+            model.fit(
+                data.x_train, y_train, batch_size=spec.batch_size, epochs=spec.epochs,
+                validation_data=(data.x_val, y_val), validation_batch_size=max(spec.batch_size, 1024),
+                shuffle=True, verbose=verbose, callbacks=[scalars],
+            )
+        status = "diverged" if scalars.diverged else "complete"
+    except KeyboardInterrupt:
+        _finish(manifest, model, scalars, data, spec, start, "interrupted", run_dir, writers)
+        raise
+    except Exception as exc:  # noqa: BLE001 - one failed run must not stop the grid
+        manifest["error"] = "".join(traceback.format_exception_only(exc)).strip()
+        manifest["traceback"] = traceback.format_exc()
+        status = "failed"
+    return _finish(manifest, model, scalars, data, spec, start, status, run_dir, writers)
+
+
+def _finish(manifest, model, scalars, data, spec, start, status, run_dir, writers) -> dict:
+    for writer in writers.values():
+        writer.flush()
+        writer.close()
+    steps = int(model.optimizer.iterations.numpy())
+    steps_per_epoch = math.ceil(len(data.x_train) / spec.batch_size)
+    full, partial = divmod(steps, steps_per_epoch)
+    manifest.update({
+        "status": status, "end_time": _now(), "wall_seconds": round(time.perf_counter() - start, 3),
+        "steps": steps, "examples_seen": full * len(data.x_train) + partial * spec.batch_size,
+        "epochs_completed": scalars.epochs_done,
+        "final": {k: (v if np.isfinite(v) else None) for k, v in scalars.last.items()},
+    })
+    write_json_atomic(run_dir / MANIFEST, manifest)
+    return manifest

@@ -1,0 +1,374 @@
+"""Experiment files: TOML in, a validated `Experiment` of frozen `RunSpec`s out.
+
+One `RunSpec` travels end to end: it names the run directory, becomes the
+TensorBoard hparams, is stored in `run.json`, and keys the report's rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
+
+ARCHITECTURES = ("mlp", "cnn", "linear")
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu", "selu", "gelu", "swish", "softplus", "linear")
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad", "nadam")
+LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy")
+DATASETS = ("mnist", "fashion_mnist")
+TEMPLATES = ("lab", "task")
+# Keras initializer names that take a seed; the documents' words map onto them.
+INITIALIZERS = (
+    "glorot_normal", "glorot_uniform", "he_normal", "he_uniform", "lecun_normal",
+    "lecun_uniform", "random_normal", "random_uniform", "truncated_normal", "orthogonal",
+)
+INITIALIZER_ALIASES = {
+    "xavier": "glorot_normal", "xavier_normal": "glorot_normal", "glorot": "glorot_normal",
+    "xavier_uniform": "glorot_uniform", "uniform": "random_uniform", "normal": "random_normal",
+    "he": "he_normal", "kaiming": "he_normal", "kaiming_normal": "he_normal",
+    "kaiming_uniform": "he_uniform", "lecun": "lecun_normal",
+}
+# Above this many runs a grid needs `--confirm-large` (a typo like batch_size = [8, 16, ...]
+# crossed with 20 seeds should not silently start a day of training).
+MAX_RUNS_WITHOUT_CONFIRM = 500
+
+# Short names for run directories; the full spec is in run.json and the hparams.
+_NAME_KEYS = {
+    "initializer": "init", "batch_size": "bs", "batch_norm": "bn", "learning_rate": "lr",
+    "activation": "act", "architecture": "arch", "optimizer": "opt", "epochs": "ep",
+}
+
+
+class ExperimentError(Exception):
+    """A user error in an experiment file or option; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that decides one training run's numbers."""
+
+    architecture: str = "mlp"
+    hidden: tuple[int, ...] = (128,)
+    activation: str = "relu"
+    initializer: str = "glorot_uniform"
+    batch_norm: bool = False
+    optimizer: str = "adam"
+    learning_rate: float = 0.001
+    loss: str = "sparse_categorical_crossentropy"
+    batch_size: int = 32
+    epochs: int = 10
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunSpec":
+        d = dict(d)
+        d["hidden"] = tuple(d.get("hidden", ()))
+        return cls(**d)
+
+    def hparams(self) -> dict[str, bool | int | float | str]:
+        """Flat values TensorBoard's HParams plugin accepts."""
+        d = dataclasses.asdict(self)
+        d["hidden"] = format_value(self.hidden)
+        return d
+
+
+RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunSpec))
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    source: str
+    title: str
+    author: str = ""
+    id: str = ""
+    date: str = ""
+    template: str = "lab"
+    objective: str = ""
+    dataset: str = "fashion_mnist"
+    validation: float | str = 0.1
+    limit: int | None = None
+    data_path: str | None = None
+    steps_per_execution: int = 1
+    grid_axes: tuple[str, ...] = ()
+    runs: tuple[RunSpec, ...] = field(default=(), repr=False)
+
+    def run_name(self, spec: RunSpec) -> str:
+        """A readable directory name from the grid axes (seed always last)."""
+        axes = [a for a in self.grid_axes if a != "seed"] + ["seed"]
+        parts = [f"{_NAME_KEYS.get(a, a)}={format_value(getattr(spec, a))}" for a in axes]
+        return re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(parts))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "runs"}
+        d["grid_axes"] = list(self.grid_axes)
+        return d
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return "x".join(str(v) for v in value) or "none"
+    if isinstance(value, float):
+        return format(value, "g")
+    return str(value)
+
+
+# --- loading -------------------------------------------------------------------------
+
+_TABLE_KEYS = {
+    "experiment": {"title", "author", "id", "date", "template", "objective"},
+    "data": {"dataset", "validation", "limit", "path"},
+    "run": set(RUN_FIELDS),
+    "grid": set(RUN_FIELDS) | {"repeats"},
+    "execution": {"steps_per_execution"},
+}
+
+
+def resolve_experiment_path(name_or_path: str) -> Path:
+    """A path to a TOML file, or the name of a preset in experiments/."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ExperimentError(f"{path}: no such experiment file")
+        return path
+    preset = EXPERIMENTS_DIR / f"{name_or_path}.toml"
+    if preset.is_file():
+        return preset
+    raise ExperimentError(
+        f"unknown experiment {name_or_path!r}; presets: {', '.join(list_presets())} "
+        "(or give a path to a .toml file)"
+    )
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.toml"))
+
+
+def load_experiment(
+    name_or_path: str,
+    *,
+    dataset: str | None = None,
+    epochs: int | None = None,
+    limit: int | None = None,
+    data_path: str | None = None,
+    confirm_large: bool = False,
+) -> Experiment:
+    """Read, validate and expand an experiment file; overrides come from the command line."""
+    path = resolve_experiment_path(name_or_path)
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ExperimentError(f"{path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ExperimentError(f"{path}: not a UTF-8 text file") from None
+    checker = _Checker(path)
+    exp = checker.experiment(doc, path.stem, overrides={
+        "dataset": dataset, "epochs": epochs, "limit": limit, "path": data_path,
+    }, confirm_large=confirm_large)
+    checker.raise_if_any()
+    assert exp is not None
+    return exp
+
+
+class _Checker:
+    """Collects every problem in a file so the user fixes them in one pass."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.problems: list[str] = []
+
+    def fail(self, key: str, msg: str) -> None:
+        self.problems.append(f"{key}: {msg}")
+
+    def raise_if_any(self) -> None:
+        if self.problems:
+            lines = "\n".join(f"  - {p}" for p in self.problems)
+            raise ExperimentError(f"{self.path}: {len(self.problems)} problem(s)\n{lines}")
+
+    def experiment(self, doc: dict, name: str, *, overrides: dict, confirm_large: bool):
+        for table in doc:
+            if table not in _TABLE_KEYS:
+                self.fail(f"[{table}]", f"unknown table; valid tables: {', '.join(_TABLE_KEYS)}")
+            elif not isinstance(doc[table], dict):
+                self.fail(table, f"must be a table ([{table}]), got {type(doc[table]).__name__}")
+        tables = {t: doc.get(t, {}) if isinstance(doc.get(t, {}), dict) else {} for t in _TABLE_KEYS}
+        for table, keys in _TABLE_KEYS.items():
+            for key in tables[table]:
+                if key not in keys:
+                    self.fail(f"[{table}] {key}", f"unknown key{_suggest(key, keys)}; valid keys: {', '.join(sorted(keys))}")
+
+        meta = tables["experiment"]
+        strings = {k: self.string(f"[experiment] {k}", meta.get(k, ""), allow_empty=True)
+                   for k in ("title", "author", "id", "objective")}
+        date = meta.get("date", "")
+        if not isinstance(date, str):  # TOML dates arrive as datetime.date
+            date = date.isoformat() if hasattr(date, "isoformat") else self.string("[experiment] date", date)
+        template = self.choice("[experiment] template", meta.get("template", "lab"), TEMPLATES)
+
+        data = tables["data"]
+        dataset = self.choice("[data] dataset", overrides["dataset"] or data.get("dataset", "fashion_mnist"), DATASETS)
+        validation = self.validation(data.get("validation", 0.1))
+        limit = overrides["limit"] if overrides["limit"] is not None else data.get("limit")
+        if limit is not None:
+            limit = self.positive_int("[data] limit" if overrides["limit"] is None else "--limit", limit)
+        data_path = overrides["path"] or data.get("path")
+        if data_path is not None:
+            data_path = self.string("[data] path", data_path)
+            if data_path and not Path(data_path).is_absolute():
+                data_path = str((self.path.parent / data_path).resolve()) if overrides["path"] is None else data_path
+        spe = self.positive_int("[execution] steps_per_execution",
+                                tables["execution"].get("steps_per_execution", 1))
+
+        base = self.run_fields("[run]", tables["run"], single=True)
+        grid_doc = dict(tables["grid"])
+        repeats = grid_doc.pop("repeats", None)
+        axes = {k: self.run_fields("[grid]", {k: v}, single=False).get(k) for k, v in grid_doc.items()
+                if k in RUN_FIELDS}
+        axes = {k: v for k, v in axes.items() if v is not None}
+        if repeats is not None:
+            repeats = self.positive_int("[grid] repeats", repeats)
+            if "seed" in axes:
+                self.fail("[grid] repeats", "give either repeats or a seed list, not both")
+            elif repeats:
+                axes["seed"] = [base.get("seed", 0) + i for i in range(repeats)]
+        if overrides["epochs"] is not None:
+            base["epochs"] = self.positive_int("--epochs", overrides["epochs"])
+            axes.pop("epochs", None)
+        if self.problems:
+            return None
+
+        runs = []
+        names = list(axes)
+        for combo in itertools.product(*(axes[n] for n in names)):
+            runs.append(RunSpec(**{**base, **dict(zip(names, combo))}))
+        if not runs:
+            self.fail("[grid]", "the grid is empty: every [grid] key needs at least one value")
+            return None
+        if len(runs) > MAX_RUNS_WITHOUT_CONFIRM and not confirm_large:
+            self.fail("[grid]", f"{len(runs)} runs is over the limit of {MAX_RUNS_WITHOUT_CONFIRM}; "
+                      "shrink the grid or pass --confirm-large (CONFIRM=1 with make)")
+            return None
+        return Experiment(
+            name=name, source=str(self.path), title=strings["title"] or name, author=strings["author"],
+            id=strings["id"], date=date, template=template, objective=strings["objective"],
+            dataset=dataset, validation=validation, limit=limit, data_path=data_path or None,
+            steps_per_execution=spe, grid_axes=tuple(names), runs=tuple(dict.fromkeys(runs)),
+        )
+
+    # -- field checks ----------------------------------------------------------------
+
+    def run_fields(self, where: str, table: dict, *, single: bool) -> dict:
+        out: dict[str, Any] = {}
+        for key, raw in table.items():
+            if key not in RUN_FIELDS:
+                continue
+            label = f"{where} {key}"
+            if key == "hidden" and single:
+                values = [raw]
+            elif single:
+                values = [raw]
+            else:
+                if not isinstance(raw, list):
+                    self.fail(label, f"a [grid] entry must be a list, e.g. {key} = [{_example(key)}]")
+                    continue
+                if not raw:
+                    self.fail(label, "empty list: the grid would have no runs; give at least one value")
+                    continue
+                values = raw
+            checked = [self.run_value(label, key, v) for v in values]
+            if any(c is _BAD for c in checked):
+                continue
+            out[key] = checked[0] if single else list(dict.fromkeys(checked))
+        return out
+
+    def run_value(self, label: str, key: str, value: Any) -> Any:
+        if key in ("batch_size", "epochs"):
+            return self.positive_int(label, value)
+        if key == "seed":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                self.fail(label, f"must be a non-negative integer, got {value!r}")
+                return _BAD
+            return value
+        if key == "learning_rate":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                self.fail(label, f"must be a positive number, got {value!r}")
+                return _BAD
+            return float(value)
+        if key == "batch_norm":
+            if not isinstance(value, bool):
+                self.fail(label, f"must be true or false, got {value!r}")
+                return _BAD
+            return value
+        if key == "hidden":
+            if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
+            ):
+                self.fail(label, f"must be a list of positive layer widths, e.g. [128, 64], got {value!r}")
+                return _BAD
+            return tuple(value)
+        if key == "initializer":
+            if isinstance(value, str):
+                value = INITIALIZER_ALIASES.get(value.lower(), value.lower())
+            valid = INITIALIZERS + tuple(INITIALIZER_ALIASES)
+            return self.choice(label, value, INITIALIZERS, shown=valid)
+        choices = {"architecture": ARCHITECTURES, "activation": ACTIVATIONS,
+                   "optimizer": OPTIMIZERS, "loss": LOSSES}[key]
+        return self.choice(label, value, choices)
+
+    def choice(self, label: str, value: Any, valid: tuple[str, ...], shown: tuple[str, ...] | None = None):
+        if isinstance(value, str) and value in valid:
+            return value
+        self.fail(label, f"{value!r} is not valid{_suggest(str(value), shown or valid)}; "
+                  f"valid values: {', '.join(shown or valid)}")
+        return _BAD
+
+    def positive_int(self, label: str, value: Any):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            self.fail(label, f"must be a positive integer, got {value!r}")
+            return _BAD
+        return value
+
+    def string(self, label: str, value: Any, *, allow_empty: bool = False):
+        if not isinstance(value, str) or (not allow_empty and not value):
+            self.fail(label, f"must be a string, got {value!r}")
+            return ""
+        if "\x00" in value:
+            self.fail(label, "contains a NUL character")
+            return ""
+        return value
+
+    def validation(self, value: Any):
+        if value == "test":
+            return "test"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            self.fail("[data] validation", f"must be a fraction in (0, 1) of the training set or \"test\", got {value!r}")
+            return 0.1
+        return float(value)
+
+
+_BAD = object()
+
+
+def _example(key: str) -> str:
+    return {"batch_size": "64, 128", "batch_norm": "false, true", "seed": "0, 1, 2",
+            "initializer": '"glorot_normal", "he_normal"', "hidden": "[128], [128, 64]",
+            "learning_rate": "0.001, 0.01"}.get(key, "...")
+
+
+def _suggest(word: str, valid) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
