@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.data import DatasetUnavailable
     from trainer.grid import LogDirError, run_grid
 
+    import tensorflow as tf
+
+    # Each run builds a new model, so retracing is expected; the warning would only alarm.
+    tf.get_logger().setLevel("ERROR")
+
     try:
         return run_grid(experiment, logdir=args.logdir, verbose=args.verbose,
                         allow_download=not args.no_download)

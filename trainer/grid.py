@@ -42,8 +42,9 @@ def _metrics(final: dict) -> str:
 
 
 def run_grid(experiment: Experiment, *, logdir: Path, verbose: int = 0,
-             allow_download: bool = True, out: TextIO = sys.stdout) -> int:
+             allow_download: bool = True, out: TextIO | None = None) -> int:
     """Train the grid into `logdir/<experiment>/`; 0 when every run finished, 1 if any failed."""
+    out = out or sys.stdout
     exp_dir = logdir / experiment.name
     check_writable(exp_dir)
     data = datasets.load(experiment.dataset, validation=experiment.validation,

@@ -1,0 +1,187 @@
+"""A real `smoke` grid on a synthetic dataset, read back with tbparse and TensorBoard itself."""
+import json
+import math
+import os
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainer.cli import main
+from trainer.spec import RunSpec, load_experiment
+
+pytestmark = pytest.mark.slow
+N_TRAIN = 1200  # conftest.synthetic_arrays; smoke validates on the test set
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, synthetic_npz):
+    logdir = tmp_path_factory.mktemp("logs")
+    code = main(["--experiment", "smoke", "--data", str(synthetic_npz), "--logdir", str(logdir)])
+    return code, logdir / "smoke", load_experiment("smoke")
+
+
+def snapshot(folder: Path) -> dict:
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_grid_completes_with_one_folder_per_run(smoke):
+    code, exp_dir, exp = smoke
+    assert code == 0
+    names = {exp.run_name(s) for s in exp.runs}
+    assert {p.name for p in exp_dir.iterdir() if p.is_dir()} == names
+    for name in names:
+        manifest = json.loads((exp_dir / name / "run.json").read_text())
+        assert manifest["status"] == "complete"
+        spec = RunSpec.from_dict(manifest["spec"])
+        assert exp.run_name(spec) == name
+        assert manifest["steps"] == math.ceil(N_TRAIN / spec.batch_size)
+        assert manifest["examples_seen"] == N_TRAIN
+        assert manifest["wall_seconds"] > 0 and manifest["versions"]["tensorflow"]
+        for split in ("train", "validation"):
+            assert len(list((exp_dir / name / split).glob("events.out.tfevents.*"))) == 1
+    experiment = json.loads((exp_dir / "experiment.json").read_text())
+    assert experiment["dataset"]["train_examples"] == N_TRAIN
+    assert sorted(experiment["runs"]) == sorted(names)
+
+
+def test_event_files_hold_exact_tags_and_steps(smoke):
+    from tbparse import SummaryReader
+
+    _, exp_dir, exp = smoke
+    df = SummaryReader(str(exp_dir), extra_columns={"dir_name"}).tensors
+    df[["run", "split"]] = df["dir_name"].str.rsplit("/", n=1, expand=True)
+    for spec in exp.runs:
+        name = exp.run_name(spec)
+        run = df[df["run"] == name]
+        tags = {s: set(run[run["split"] == s]["tag"]) for s in ("train", "validation")}
+        assert tags == {"train": {"epoch_loss", "epoch_accuracy", "step_loss"},
+                        "validation": {"epoch_loss", "epoch_accuracy"}}
+        steps = run[run["tag"] == "step_loss"]["step"].tolist()
+        assert steps == list(range(1, math.ceil(N_TRAIN / spec.batch_size) + 1))
+        assert np.isfinite(run["value"].astype(float)).all()
+        epochs = run[run["tag"] == "epoch_loss"]
+        assert sorted(epochs["step"]) == [0, 0]  # one epoch, train and validation
+        manifest = json.loads((exp_dir / name / "run.json").read_text())
+        val_loss = epochs[epochs["split"] == "validation"]["value"].item()
+        assert val_loss == pytest.approx(manifest["final"]["val_loss"], rel=1e-6)
+
+
+def test_hparams_are_logged_per_run(smoke):
+    from tbparse import SummaryReader
+
+    _, exp_dir, exp = smoke
+    hp = SummaryReader(str(exp_dir), extra_columns={"dir_name"}).hparams
+    for spec in exp.runs:
+        got = hp[hp["dir_name"] == exp.run_name(spec)].set_index("tag")["value"].to_dict()
+        want = spec.hparams()
+        assert set(got) == set(want)
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value) if isinstance(value, float) else got[key] == value
+
+
+def test_tensorboard_sees_runs_and_hparams(smoke):
+    from tensorboard.backend.event_processing import plugin_event_multiplexer
+    from tensorboard.plugins.hparams import metadata
+
+    _, exp_dir, exp = smoke
+    mux = plugin_event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(exp_dir))
+    mux.Reload()
+    names = [exp.run_name(s) for s in exp.runs]
+    runs = set(mux.Runs())
+    assert {f"{n}/train" for n in names} <= runs and {f"{n}/validation" for n in names} <= runs
+    content = mux.PluginRunToTagToContent(metadata.PLUGIN_NAME)
+    config = metadata.parse_experiment_plugin_data(content["."][metadata.EXPERIMENT_TAG])
+    assert {h.name for h in config.hparam_infos} >= {"initializer", "batch_size", "batch_norm", "seed"}
+    assert {(m.name.group, m.name.tag) for m in config.metric_infos} >= {
+        ("validation", "epoch_loss"), ("validation", "epoch_accuracy")}
+    for name in names:
+        assert metadata.SESSION_START_INFO_TAG in content[name]
+        info = metadata.parse_session_start_info_plugin_data(content[name][metadata.SESSION_START_INFO_TAG])
+        assert info.group_name == name or info.hparams["batch_size"].number_value > 0
+    # the validation metric TensorBoard's HParams table shows for a run
+    events = mux.Tensors(f"{names[0]}/validation", "epoch_loss")
+    assert len(events) == 1
+
+
+def test_rerun_skips_complete_runs_and_restarts_partial_ones(smoke, synthetic_npz, capsys):
+    _, exp_dir, exp = smoke
+    names = [exp.run_name(s) for s in exp.runs]
+    before = snapshot(exp_dir / names[0])
+    # simulate a run killed mid-way: status running and a half-written extra event file
+    victim = exp_dir / names[3]
+    manifest = json.loads((victim / "run.json").read_text())
+    manifest["status"] = "running"
+    (victim / "run.json").write_text(json.dumps(manifest))
+    (victim / "train" / "events.out.tfevents.0.partial.v2").write_bytes(b"\x00" * 7)
+    capsys.readouterr()
+    assert main(["--experiment", "smoke", "--data", str(synthetic_npz), "--logdir", str(exp_dir.parent)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("already complete, skipped") == len(names) - 1
+    assert f"run 4/{len(names)} {names[3]}: complete" in out
+    assert snapshot(exp_dir / names[0]) == before
+    assert not (victim / "train" / "events.out.tfevents.0.partial.v2").exists()
+    assert len(list((victim / "train").glob("events.out.tfevents.*"))) == 1
+    assert json.loads((victim / "run.json").read_text())["status"] == "complete"
+
+
+def test_diverged_run_is_marked_and_the_grid_goes_on(tmp_path, synthetic_npz, capsys):
+    path = tmp_path / "blowup.toml"
+    path.write_text(textwrap.dedent("""
+        [data]
+        validation = "test"
+        [run]
+        activation = "relu"
+        optimizer = "sgd"
+        epochs = 2
+        hidden = [16]
+        [grid]
+        learning_rate = [1e30, 0.01]
+        batch_size = [100]
+    """))
+    code = main(["--experiment", str(path), "--data", str(synthetic_npz), "--logdir", str(tmp_path / "logs")])
+    assert code == 0
+    statuses = {}
+    for run_dir in (tmp_path / "logs" / "blowup").iterdir():
+        if run_dir.is_dir():
+            m = json.loads((run_dir / "run.json").read_text())
+            statuses[m["spec"]["learning_rate"]] = m
+    assert statuses[1e30]["status"] == "diverged"
+    assert statuses[1e30]["steps"] < 2 * 12 and statuses[1e30]["epochs_completed"] < 2
+    assert statuses[0.01]["status"] == "complete" and statuses[0.01]["epochs_completed"] == 2
+    assert "1 diverged" in capsys.readouterr().out
+
+
+def test_same_spec_and_seed_give_same_initial_weights():
+    from trainer.models import build_model
+
+    spec = RunSpec(initializer="he_normal", hidden=(8,), batch_norm=True, seed=4)
+    a, b = (build_model(spec, input_shape=(28, 28), classes=10) for _ in range(2))
+    for wa, wb in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_array_equal(wa, wb)
+    c = build_model(RunSpec(initializer="he_normal", hidden=(8,), seed=5), input_shape=(28, 28), classes=10)
+    assert not np.array_equal(a.get_weights()[0], c.get_weights()[0])
+
+
+@pytest.mark.parametrize("architecture", ["cnn", "linear"])
+def test_document_architectures_build(architecture):
+    from trainer.models import build_model, summarize
+
+    model = build_model(RunSpec(architecture=architecture), input_shape=(28, 28), classes=10)
+    summary = summarize(model)
+    types = [layer["type"] for layer in summary["layers"]]
+    if architecture == "cnn":
+        assert types == ["Reshape", "Conv2D", "MaxPooling2D", "Flatten", "Dense", "Dense"]
+        assert summary["total_params"] == 320 + 13 * 13 * 32 * 128 + 128 + 1290
+    else:
+        assert types == ["Flatten", "Dense", "Dense"] and summary["total_params"] == 785 + 20
+
+
+def test_unwritable_logdir_fails_before_training(tmp_path, synthetic_npz, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code = main(["--experiment", "smoke", "--data", str(synthetic_npz), "--logdir", str(blocker)])
+    assert code == 2
+    assert "cannot write to the log folder" in capsys.readouterr().err
