@@ -57,6 +57,7 @@ def run_grid(experiment: Experiment, *, logdir: Path, verbose: int = 0,
     names = [experiment.run_name(spec) for spec in experiment.runs]
     write_json_atomic(exp_dir / EXPERIMENT_MANIFEST, {
         "experiment": experiment.to_dict(), "dataset": d, "runs": names,
+        "source_text": Path(experiment.source).read_text(encoding="utf-8"),
     })
     write_hparams_config(exp_dir, experiment)
     stale = sorted(p.name for p in exp_dir.iterdir() if p.is_dir() and p.name not in names)

@@ -1,0 +1,84 @@
+"""`python -m report`: TensorBoard logs of one experiment → report.pdf, report.html and CSVs."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from report.render import TEMPLATES
+
+FORMATS = ("pdf", "html")
+EXIT_USAGE = 2
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m report", description=__doc__.split(":", 1)[1].strip())
+    p.add_argument("--logdir", type=Path, default=Path("logs/lab"), help="one experiment's log folder")
+    p.add_argument("--out", type=Path, help="output folder (default: reports/<experiment>)")
+    p.add_argument("--template", help=f"{' or '.join(TEMPLATES)} (default: the experiment file's)")
+    p.add_argument("--format", default="pdf,html", help="comma-separated: pdf, html (default: both)")
+    p.add_argument("--summary", default="final", help="table values: final, best or last-K (default: final)")
+    p.add_argument("--smoothing", type=float, default=0.0,
+                   help="TensorBoard EMA weight in [0, 1) for per-step curves (default: 0, raw)")
+    return p.parse_args(argv)
+
+
+def _check(args) -> list[str]:
+    from report.tables import parse_summary
+
+    errors = []
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        errors.append(f"--format {args.format!r} is not valid; valid values: {', '.join(FORMATS)} (comma-separated)")
+    if args.template is not None and args.template not in TEMPLATES:
+        errors.append(f"--template {args.template!r} is not valid; valid values: {', '.join(TEMPLATES)}")
+    try:
+        parse_summary(args.summary)
+    except ValueError as exc:
+        errors.append(str(exc))
+    if not 0 <= args.smoothing < 1:
+        errors.append(f"--smoothing {args.smoothing} is not valid; give a weight in [0, 1), e.g. 0.6")
+    args.formats = formats
+    return errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    errors = _check(args)
+    if errors:
+        print("error: " + "\n       ".join(errors), file=sys.stderr)
+        return EXIT_USAGE
+    from report.build import build
+    from report.load import LogsError, load_logs
+    from report.render import render_html, render_pdf, write_atomic
+
+    logging.getLogger("weasyprint").setLevel(logging.ERROR)
+    logging.getLogger("fontTools").setLevel(logging.ERROR)
+    try:
+        logs = load_logs(args.logdir)
+    except LogsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    template = args.template or logs.experiment.get("experiment", {}).get("template") or "lab"
+    out = args.out or Path("reports") / args.logdir.name
+    context = build(logs, template=template, summary=args.summary, smoothing=args.smoothing)
+    for table in context["tables"]:
+        write_atomic(out / "tables" / f"table{table.number:02d}_{table.key}.csv",
+                     table.frame().to_csv(index=False))
+    html = render_html(context)
+    written = []
+    if "html" in args.formats:
+        write_atomic(out / "report.html", html)
+        written.append(out / "report.html")
+    if "pdf" in args.formats:
+        pdf, refused = render_pdf(html)
+        write_atomic(out / "report.pdf", pdf)
+        written.append(out / "report.pdf")
+        if refused:
+            print(f"note: refused {len(refused)} outside resource(s) named in the report text", file=sys.stderr)
+    print(f"report: {logs.logdir} → {', '.join(map(str, written))} "
+          f"({context['runs_read']} runs, {context['points_read']} points, {context['n_figures']} figures, "
+          f"{len(context['tables'])} tables; {len(logs.problems)} data problem(s))")
+    return 0

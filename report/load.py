@@ -1,0 +1,150 @@
+"""Event files and manifests → one long scalar table plus a table of runs.
+
+Scalars come from tbparse in long format (run, split, tag, step, value); each run's
+factors come from its `run.json` (or, failing that, its logged hparams), never from
+its directory name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+SPLITS = ("train", "validation")
+SCALAR_COLUMNS = ["run", "split", "tag", "step", "value"]
+
+
+class LogsError(Exception):
+    """The log folder holds nothing a report can be built from; the message names the fix."""
+
+
+@dataclass
+class Logs:
+    logdir: Path
+    experiment: dict            # experiment.json ({} when missing)
+    runs: pd.DataFrame          # one row per usable run: run, status, spec fields, manifest columns
+    scalars: pd.DataFrame       # long: run, split, tag, step, value (usable runs only)
+    manifests: dict[str, dict]  # run → run.json
+    problems: list[str] = field(default_factory=list)
+    points_read: int = 0
+    digest: str = ""
+
+
+def load_logs(logdir: Path) -> Logs:
+    logdir = Path(logdir)
+    if not logdir.is_dir():
+        raise LogsError(f"no log folder {logdir} — run `make train EXPERIMENT={logdir.name}` first")
+    experiment = _read_json(logdir / "experiment.json") or {}
+    problems: list[str] = []
+    scalars = read_scalars(logdir, problems)
+    run_dirs = sorted(p for p in logdir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not run_dirs:
+        raise LogsError(f"no run folders under {logdir} — run `make train EXPERIMENT={logdir.name}` first")
+
+    rows, manifests = [], {}
+    hparams = read_hparams(logdir)
+    for run_dir in run_dirs:
+        run = run_dir.name
+        manifest = _read_json(run_dir / "run.json")
+        if manifest is None and (run_dir / "run.json").exists():
+            problems.append(f"{run}: run.json is not readable JSON")
+        spec = (manifest or {}).get("spec") or hparams.get(run)
+        if not spec:
+            problems.append(f"{run}: no run.json and no hparams — its factors are unknown, run excluded")
+            continue
+        status = (manifest or {}).get("status", "unknown")
+        has_events = run in set(scalars["run"])
+        if not has_events:
+            problems.append(f"{run}: no readable scalars in its event files, run excluded")
+            continue
+        if status not in ("complete", "diverged"):
+            problems.append(f"{run}: status {status!r} (not finished), run excluded")
+            continue
+        manifests[run] = manifest or {}
+        rows.append({"run": run, "status": status, **{k: _hashable(v) for k, v in spec.items()},
+                     "steps": (manifest or {}).get("steps"),
+                     "wall_seconds": (manifest or {}).get("wall_seconds")})
+    runs = pd.DataFrame(rows)
+    if runs.empty:
+        raise LogsError(f"no finished run with readable logs under {logdir}:\n  " + "\n  ".join(problems))
+    usable = scalars[scalars["run"].isin(runs["run"])].reset_index(drop=True)
+    bad = ~usable["value"].map(math.isfinite)
+    for run in sorted(set(usable.loc[bad, "run"])):
+        if runs.loc[runs["run"] == run, "status"].item() != "diverged":
+            problems.append(f"{run}: non-finite values in its scalars")
+    expected = experiment.get("runs") or []
+    for run in expected:
+        if run not in manifests:
+            problems.append(f"{run}: in the grid but missing from the logs")
+    return Logs(logdir=logdir, experiment=experiment, runs=runs, scalars=usable,
+                manifests=manifests, problems=problems, points_read=len(scalars),
+                digest=digest(logdir))
+
+
+def read_scalars(logdir: Path, problems: list[str]) -> pd.DataFrame:
+    """Every scalar point under `logdir` as (run, split, tag, step, value)."""
+    from tbparse import SummaryReader
+
+    frames = []
+    for events_dir in sorted({p.parent for p in logdir.glob("*/*/events.out.tfevents.*")}):
+        split = events_dir.name
+        if split not in SPLITS:
+            continue
+        for path in sorted(events_dir.glob("events.out.tfevents.*")):
+            try:
+                # TF2 scalars are stored as tensors: tbparse's .tensors, not .scalars.
+                df = SummaryReader(str(path)).tensors
+            except Exception as exc:  # noqa: BLE001 - a damaged file is reported, not fatal
+                problems.append(f"{events_dir.parent.name}/{split}: unreadable event file {path.name} ({exc})")
+                continue
+            if df.empty:
+                continue
+            df = df[["step", "tag", "value"]].copy()
+            df["run"], df["split"] = events_dir.parent.name, split
+            frames.append(df)
+    if not frames:
+        return pd.DataFrame(columns=SCALAR_COLUMNS)
+    out = pd.concat(frames, ignore_index=True)[SCALAR_COLUMNS]
+    out["value"] = out["value"].astype(float)
+    out["step"] = out["step"].astype(int)
+    return out
+
+
+def read_hparams(logdir: Path) -> dict[str, dict]:
+    from tbparse import SummaryReader
+
+    try:
+        df = SummaryReader(str(logdir), extra_columns={"dir_name"}).hparams
+    except Exception:  # noqa: BLE001 - hparams are only a fallback for a missing run.json
+        return {}
+    if df.empty:
+        return {}
+    return {run: dict(zip(g["tag"], g["value"])) for run, g in df.groupby("dir_name") if run}
+
+
+def digest(logdir: Path) -> str:
+    """SHA-256 over every file's relative path and bytes: names the exact logs a report used."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in logdir.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(logdir)).encode())
+        h.update(b"\0")
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _hashable(value):
+    return tuple(value) if isinstance(value, list) else value
