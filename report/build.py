@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import date
 
@@ -131,6 +132,13 @@ class Builder:
         if "initializer" in key:
             parts[0] += " weight initialization"
         return ", ".join(parts)
+
+    def slug(self, key: dict) -> str:
+        """A file-name-safe stem for a section's CSVs."""
+        values = [str(v) for v in key.values()]
+        if not values and "initializer" in self.logs.runs:
+            values = [str(self.logs.runs["initializer"].iloc[0])]
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(values)) or "all"
 
     def steps_per_epoch(self, run: str) -> int:
         m = self.logs.manifests.get(run, {})
@@ -259,7 +267,7 @@ class Builder:
         where = dict(key) if bs is None else {**key, "batch_size": bs}
         title = "All runs" if bs is None else f"Batch Size {bs}"
         sec = self.doc.section(title, level=2)
-        tag_base = "_".join(str(v) for v in key.values()) + f"_bs{bs}"
+        tag_base = self.slug(key) + f"_bs{bs}"
         label = f"Batch size {bs}" if bs is not None else "All runs"
         smoothing = self.doc.smoothing
         series = self._bn_curves(where, "train", "step_loss")
@@ -291,7 +299,7 @@ class Builder:
 
     def lab_comparison(self, key: dict) -> None:
         sec = self.doc.section("Batch Size Comparison", level=2)
-        tag_base = "_".join(str(v) for v in key.values()) or "all"
+        tag_base = self.slug(key)
         n_train = self.dataset.get("train_examples") or 1
         for split, tag, what, fig_label in (("train", "epoch_loss", "Train Loss", "train loss"),
                                             ("validation", "epoch_loss", "Val loss", "val loss"),
@@ -428,7 +436,7 @@ class Builder:
         data = [{"epoch": int(step) + 1, **{c: float(wide.at[step, c]) for c in cols}} for step in wide.index]
         n = len(runs)
         note = f" (mean of {n} seeds)" if n > 1 else ""
-        key = "epochs_" + "_".join(f"{k}{v}" for k, v in where.items())
+        key = "epochs_" + re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(f"{k}{v}" for k, v in where.items()))
         self.doc.table(sec, Table(key, f"Per-epoch results, {title}{note}", ["Epoch"] + cols, rows, data))
         panels = []
         for tag, ylabel in (("epoch_loss", "loss"), ("epoch_accuracy", "accuracy")):

@@ -36,3 +36,21 @@ def synthetic_npz(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "synthetic.npz"
     np.savez(path, **synthetic_arrays())
     return path
+
+
+@pytest.fixture(scope="session")
+def smoke(tmp_path_factory, synthetic_npz):
+    """The real `smoke` preset trained once on the synthetic dataset: (exit code, log folder, experiment)."""
+    from trainer.cli import main
+    from trainer.spec import load_experiment
+
+    logdir = tmp_path_factory.mktemp("logs")
+    code = main(["--experiment", "smoke", "--data", str(synthetic_npz), "--logdir", str(logdir)])
+    return code, logdir / "smoke", load_experiment("smoke")
+
+
+@pytest.fixture(scope="session")
+def fixture_logs(tmp_path_factory) -> Path:
+    from tests.make_fixture_logs import write
+
+    return write(tmp_path_factory.mktemp("fixture") / "fixture")

@@ -15,13 +15,6 @@ pytestmark = pytest.mark.slow
 N_TRAIN = 1200  # conftest.synthetic_arrays; smoke validates on the test set
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory, synthetic_npz):
-    logdir = tmp_path_factory.mktemp("logs")
-    code = main(["--experiment", "smoke", "--data", str(synthetic_npz), "--logdir", str(logdir)])
-    return code, logdir / "smoke", load_experiment("smoke")
-
-
 def snapshot(folder: Path) -> dict:
     return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
 

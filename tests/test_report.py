@@ -1,0 +1,191 @@
+"""The report from seeded fixture logs: exact numbers, numbering, PDF text, hostile input."""
+import json
+import re
+import shutil
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from report.cli import main
+from report.figures import smooth
+from report.load import load_logs
+from tests import make_fixture_logs as fx
+
+
+@pytest.fixture(scope="module")
+def rendered(fixture_logs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    assert main(["--logdir", str(fixture_logs), "--out", str(out)]) == 0
+    return out
+
+
+def pdf_text(path: Path) -> str:
+    from pypdf import PdfReader
+
+    return "\n".join(page.extract_text() for page in PdfReader(str(path)).pages)
+
+
+def table_csv(out: Path, key_part: str) -> pd.DataFrame:
+    matches = sorted((out / "tables").glob(f"*{key_part}*.csv"))
+    assert matches, key_part
+    return pd.read_csv(matches[0])
+
+
+def test_loader_reads_long_format_and_factors_from_manifests(fixture_logs):
+    logs = load_logs(fixture_logs)
+    assert list(logs.scalars.columns) == ["run", "split", "tag", "step", "value"]
+    assert len(logs.runs) == 8
+    assert set(logs.runs["batch_size"]) == {64, 128}
+    steps = logs.scalars[(logs.scalars["tag"] == "step_loss") & (logs.scalars["run"] == fx.run_name(64, False, 0))]
+    assert steps["step"].tolist() == list(range(1, 3 * fx.N_TRAIN // 64 + 1))
+    assert any(fx.MISSING_RUN in p for p in logs.problems)
+
+
+def test_train_loss_table_is_mean_std_n_of_final_epochs(rendered):
+    df = table_csv(rendered, "train_loss_glorot_normal_bs64")
+    for bn, label in ((False, "Without batch norm"), (True, "With batch norm")):
+        values = fx.expected_final("train", 64, bn)
+        row = df[df["setting"] == label].iloc[0]
+        assert row["mean"] == pytest.approx(statistics.mean(values), rel=1e-6)
+        assert row["std"] == pytest.approx(statistics.stdev(values), rel=1e-5)
+        assert row["n"] == 2
+
+
+def test_diverged_seed_is_left_out_and_marked(rendered):
+    df = table_csv(rendered, "train_loss_glorot_normal_bs128")
+    row = df[df["setting"] == "With batch norm"].iloc[0]
+    assert row["n"] == 1 and row["diverged"] == 1
+    assert row["mean"] == pytest.approx(fx.expected_final("train", 128, True)[0], rel=1e-6)
+    html = (rendered / "report.html").read_text()
+    assert "[1 diverged]" in html
+    assert "Data problems" in html and fx.run_name(*fx.DIVERGED) in html and fx.MISSING_RUN in html
+
+
+def test_batch_size_comparison_table(rendered):
+    df = table_csv(rendered, "val_loss_by_batch_size")
+    row = df[(df["batch_size"] == 128) & (df["batch_norm"] == False)].iloc[0]  # noqa: E712
+    assert row["mean"] == pytest.approx(statistics.mean(fx.expected_final("validation", 128, False)), rel=1e-6)
+
+
+def test_figures_and_tables_are_numbered_in_order_with_document_captions(rendered):
+    html = (rendered / "report.html").read_text()
+    figures = [int(n) for n in re.findall(r"<figcaption>Figure (\d+):", html)]
+    tables = [int(n) for n in re.findall(r'<div class="caption">Table (\d+):', html)]
+    assert figures == list(range(1, len(figures) + 1)) and len(figures) >= 6
+    assert tables == list(range(1, len(tables) + 1))
+    assert "Figure 1: Batch size 64 train loss" in html
+    assert "Figure 2: Batch size 64 val loss" in html
+    assert re.search(r"Table 2: Train Loss \(final epoch\)", html)
+    assert re.search(r"Table 3: Val loss \(final epoch\)", html)
+    assert "Batch Size Comparison" in html
+    # one CSV per table, named by its number
+    assert len(list((rendered / "tables").glob("table*.csv"))) == len(tables)
+
+
+def test_pdf_text_has_the_captions_and_the_same_numbers(rendered):
+    text = pdf_text(rendered / "report.pdf")
+    html = (rendered / "report.html").read_text()
+    for caption in re.findall(r"<figcaption>(Figure \d+: [^<]+)</figcaption>", html)[:4]:
+        assert caption.split(" (")[0] in text.replace("\n", " ")
+    mean = statistics.mean(fx.expected_final("train", 64, False))
+    assert f"{mean:.4f}" in text
+    assert "Fixture lab" in text and "A. Student" in text and "ID-1" in text
+
+
+def test_sentences_are_computed_and_qualified(rendered):
+    html = (rendered / "report.html").read_text()
+    # BN is 0.05 lower in every fixture cell, larger than the seed spread (0.002·√2/2)
+    assert "With batch norm the final epoch train loss was lower than without it" in html
+    assert "larger than the seed spread" in html
+    assert "Batch norm lowered the final epoch validation loss at 2 of 2 batch sizes" in html
+
+
+def test_summary_best_and_last_k_are_named_and_applied(fixture_logs, tmp_path):
+    assert main(["--logdir", str(fixture_logs), "--out", str(tmp_path), "--summary", "last-2",
+                 "--format", "html"]) == 0
+    html = (tmp_path / "report.html").read_text()
+    assert "Train Loss (mean of the last 2 epochs)" in html
+    df = table_csv(tmp_path, "train_loss_glorot_normal_bs64")
+    want = statistics.mean(
+        statistics.mean([fx.train_loss(e, 64, False, s) for e in (1, 2)]) for s in fx.SEEDS)
+    assert df[df["setting"] == "Without batch norm"]["mean"].item() == pytest.approx(want, rel=1e-6)
+    assert not (tmp_path / "report.pdf").exists()
+
+
+def test_task_template_has_the_five_sections(fixture_logs, tmp_path):
+    assert main(["--logdir", str(fixture_logs), "--out", str(tmp_path), "--template", "task",
+                 "--format", "html"]) == 0
+    html = (tmp_path / "report.html").read_text()
+    heads = re.findall(r"<h2[^>]*>\d+ ([^<]+)</h2>", html)
+    assert heads[:5] == ["Objective", "Code Used", "Results", "Short Analysis", "Key Takeaway"]
+    assert "Fixture objective." in html and "batch_size = [64, 128]" in html
+    assert "Per-epoch results, batch size 64" in html
+
+
+def test_smoothing_is_tensorboards_debiased_ema():
+    w = 0.6
+    ys = [1.0, float("nan"), 3.0, 2.0]
+    out = smooth(ys, w)
+    # by hand: last=0.4 → 0.4/0.4; skip NaN; last=0.24+1.2=1.44 → /(1-0.36); last=0.864+0.8 → /(1-0.216)
+    assert out[0] == pytest.approx(1.0)
+    assert out[1] != out[1]
+    assert out[2] == pytest.approx(1.44 / 0.64)
+    assert out[3] == pytest.approx((1.44 * 0.6 + 0.8) / (1 - 0.6 ** 3))
+
+
+def test_bad_options_name_the_valid_values(fixture_logs, capsys):
+    assert main(["--logdir", str(fixture_logs), "--format", "docx", "--summary", "median",
+                 "--template", "fancy"]) == 2
+    err = capsys.readouterr().err
+    assert "valid values: pdf, html" in err and "final, best, last-K" in err and "lab, task" in err
+
+
+def test_missing_logdir_names_the_fix(tmp_path, capsys):
+    assert main(["--logdir", str(tmp_path / "lab3")]) == 2
+    assert "make train EXPERIMENT=lab3" in capsys.readouterr().err
+
+
+def test_hostile_strings_are_inert(fixture_logs, tmp_path):
+    logs = tmp_path / "hostile"
+    shutil.copytree(fixture_logs, logs)
+    exp = json.loads((logs / "experiment.json").read_text())
+    exp["experiment"]["title"] = '<script>alert(1)</script><img src="file:///etc/passwd"> {{ 7*7 }}'
+    exp["experiment"]["author"] = '<img src="http://127.0.0.1:9/x">'
+    (logs / "experiment.json").write_text(json.dumps(exp))
+    weird = logs / "<i>run<i>..%2e%2e"
+    shutil.copytree(logs / fx.run_name(64, False, 0), weird)
+    out = tmp_path / "out"
+    assert main(["--logdir", str(logs), "--out", str(out)]) == 0
+    html = (out / "report.html").read_text()
+    assert "<script>" not in html and '<img src="file:' not in html and '<img src="http' not in html
+    assert "&lt;script&gt;" in html and "{{ 7*7 }}" in html and "&lt;i&gt;run&lt;i&gt;..%2e%2e" in html
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.pdf", "tables"]
+    assert "root:" not in pdf_text(out / "report.pdf")
+
+
+def test_pdf_renderer_fetches_no_file_and_no_url():
+    from report.render import render_pdf
+
+    html = ('<p>x</p><img src="file:///etc/passwd"><img src="http://127.0.0.1:9/a.png">'
+            '<link rel="stylesheet" href="file:///etc/hostname">')
+    pdf, refused = render_pdf(html)
+    assert pdf.startswith(b"%PDF")
+    assert set(refused) == {"file:///etc/passwd", "http://127.0.0.1:9/a.png", "file:///etc/hostname"}
+
+
+@pytest.mark.slow
+def test_real_smoke_experiment_end_to_end(smoke, tmp_path):
+    from tbparse import SummaryReader
+
+    code, exp_dir, exp = smoke
+    assert code == 0
+    out = tmp_path / "smoke"
+    assert main(["--logdir", str(exp_dir), "--out", str(out)]) == 0
+    assert (out / "report.pdf").read_bytes().startswith(b"%PDF")
+    df = SummaryReader(str(exp_dir / exp.run_name(exp.runs[0]) / "validation")).tensors
+    final = df[df["tag"] == "epoch_loss"].sort_values("step")["value"].iloc[-1]
+    text = pdf_text(out / "report.pdf")
+    assert f"{final:.4f}" in text
+    assert "8 runs" in text
