@@ -154,8 +154,7 @@ class Builder:
             label = "All runs" if bn is None else BN_LABEL[bn]
             rows.append([label, c.text()])
             data.append(cell_record({"setting": label}, c))
-        return Table(key, f"{what} ({self.summary_text})", ["Loss" if "Loss" in what else "Metric",
-                                                              f"{what.split()[-1].capitalize()} Value"], rows, data)
+        return Table(key, f"{what} ({self.summary_text})", ["Loss", "Loss Value"], rows, data)
 
     # -- shared sections -----------------------------------------------------------------
 

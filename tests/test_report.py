@@ -79,6 +79,7 @@ def test_figures_and_tables_are_numbered_in_order_with_document_captions(rendere
     assert "Figure 2: Batch size 64 val loss" in html
     assert re.search(r"Table 2: Train Loss \(final epoch\)", html)
     assert re.search(r"Table 3: Val loss \(final epoch\)", html)
+    assert html.count("<th>Loss</th><th>Loss Value</th>") >= 4
     assert "Batch Size Comparison" in html
     # one CSV per table, named by its number
     assert len(list((rendered / "tables").glob("table*.csv"))) == len(tables)
