@@ -158,9 +158,9 @@ class Builder:
 
     # -- shared sections -----------------------------------------------------------------
 
-    def introduction(self) -> None:
+    def introduction(self, sec: Section | None = None) -> None:
         d, logs = self.dataset, self.logs
-        sec = self.doc.section("Introduction")
+        sec = sec or self.doc.section("Introduction")
         name = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}.get(d.get("name"), d.get("name", "?"))
         self.doc.text(sec, (
             f"The runs used {name} ({d.get('image_shape', ['?', '?'])[0]}×{d.get('image_shape', ['?', '?'])[-1]} "
@@ -174,8 +174,8 @@ class Builder:
             f"from {logs.logdir.name}/; every point is kept. Table values are the {self.summary_text} "
             "of each run; with repeated seeds they show mean ± sample standard deviation and n."))
 
-    def architecture(self) -> None:
-        sec = self.doc.section("Architecture and Framework")
+    def architecture(self, sec: Section | None = None) -> None:
+        sec = sec or self.doc.section("Architecture and Framework")
         first = next(iter(self.logs.manifests.values()), {})
         spec = first.get("spec", {})
         varying = ", ".join(f.replace("_", " ") for f in self.factors) or "nothing"
@@ -242,12 +242,11 @@ class Builder:
         self.introduction()
         self.architecture()
         for key in self.section_keys():
-            sec = self.doc.section(self.section_title(key))
+            self.doc.section(self.section_title(key))
             for bs in self.batch_sizes:
                 self.lab_batch_size(key, bs)
             if len(self.batch_sizes) > 1:
                 self.lab_comparison(key)
-            del sec
         self.data_problems()
         self.provenance()
         return self.doc
@@ -299,7 +298,6 @@ class Builder:
     def lab_comparison(self, key: dict) -> None:
         sec = self.doc.section("Batch Size Comparison", level=2)
         tag_base = self.slug(key)
-        n_train = self.dataset.get("train_examples") or 1
         for split, tag, what, fig_label in (("train", "epoch_loss", "Train Loss", "train loss"),
                                             ("validation", "epoch_loss", "Val loss", "val loss"),
                                             ("validation", "epoch_accuracy", "Validation Accuracy", None)):
@@ -348,7 +346,6 @@ class Builder:
                 steps[bs] = float(runs["steps"].median())
         epochs = self.logs.runs["epochs"].iloc[0] if "epochs" in self.logs.runs and "epochs" not in self.factors else None
         bullets.append(analysis.steps_context(steps, epochs))
-        del n_train
         self.doc.bullets(sec, bullets)
 
     # -- task format (documents 000/001) -------------------------------------------------
@@ -357,13 +354,13 @@ class Builder:
         exp = self.logs.experiment.get("experiment", {})
         sec = self.doc.section("Objective")
         self.doc.text(sec, exp.get("objective") or "Study how the settings varied in this grid change training.")
-        self.introduction_in(sec)
+        self.introduction(sec)
         sec = self.doc.section("Code Used")
         source = self.logs.experiment.get("source_text")
         if source:
             self.doc.text(sec, "The experiment file that produced these runs:")
             sec.blocks.append({"kind": "code", "text": source})
-        self.architecture_in(sec)
+        self.architecture(sec)
         sec = self.doc.section("Results")
         keys = [{**k, "batch_size": bs} if bs is not None else dict(k)
                 for k in self.section_keys() for bs in self.batch_sizes]
@@ -406,20 +403,6 @@ class Builder:
         self.data_problems()
         self.provenance()
         return self.doc
-
-    def introduction_in(self, sec: Section) -> None:
-        before = len(self.doc.sections)
-        self.introduction()
-        intro = self.doc.sections.pop(before)
-        self.doc._counters[0] -= 1
-        sec.blocks.extend(intro.blocks)
-
-    def architecture_in(self, sec: Section) -> None:
-        before = len(self.doc.sections)
-        self.architecture()
-        arch = self.doc.sections.pop(before)
-        self.doc._counters[0] -= 1
-        sec.blocks.extend(arch.blocks)
 
     def task_epoch_table(self, sec: Section, where: dict, title: str) -> None:
         runs = self.runs_where(where)

@@ -1,7 +1,6 @@
 """A real `smoke` grid on a synthetic dataset, read back with tbparse and TensorBoard itself."""
 import json
 import math
-import os
 import textwrap
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 
 from trainer.cli import main
-from trainer.spec import RunSpec, load_experiment
+from trainer.spec import RunSpec
 
 pytestmark = pytest.mark.slow
 N_TRAIN = 1200  # conftest.synthetic_arrays; smoke validates on the test set

@@ -275,9 +275,7 @@ class _Checker:
             if key not in RUN_FIELDS:
                 continue
             label = f"{where} {key}"
-            if key == "hidden" and single:
-                values = [raw]
-            elif single:
+            if single:
                 values = [raw]
             else:
                 if not isinstance(raw, list):
