@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from report.build import build
     from report.load import LogsError, load_logs
-    from report.render import render_html, render_pdf, write_atomic
+    from report.render import render_html, render_pdf
+    from trainer.manifest import write_atomic
 
     logging.getLogger("weasyprint").setLevel(logging.ERROR)
     logging.getLogger("fontTools").setLevel(logging.ERROR)

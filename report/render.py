@@ -1,8 +1,6 @@
 """Context → HTML (jinja2, autoescaped) → PDF (weasyprint, fetching nothing from outside)."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import jinja2
@@ -40,16 +38,3 @@ def render_pdf(html: str) -> tuple[bytes, list[str]]:
     fetcher = OwnAssetsOnly(allowed_protocols=("data",))
     pdf = HTML(string=html, base_url="about:blank", url_fetcher=fetcher).write_pdf()
     return pdf, refused
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write beside `path`, then rename over it, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
