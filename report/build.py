@@ -95,12 +95,21 @@ class Builder:
         self.values = run_values(logs, summary)
         self.doc = Document(smoothing)
         self.factors = factors(logs)
-        runs = logs.runs
-        self.batch_sizes = sorted(runs["batch_size"].unique()) if "batch_size" in runs else [None]
-        self.bn_values = sorted(bool(v) for v in runs["batch_norm"].unique()) if "batch_norm" in runs else [None]
+        # Axis values come from the runs read and from the grid as planned, so a cell with
+        # no logs at all still shows up as "—" rather than vanishing.
+        planned = logs.experiment.get("specs") or []
+        self.batch_sizes = self._axis("batch_size", planned)
+        self.bn_values = self._axis("batch_norm", planned)
         self.dataset = self._dataset()
 
     # -- helpers ------------------------------------------------------------------------
+
+    def _axis(self, name: str, planned: list[dict]) -> list:
+        if name not in self.logs.runs:
+            return [None]
+        values = set(self.logs.runs[name].tolist())
+        values |= {s[name] for s in planned if isinstance(s, dict) and name in s}
+        return sorted(bool(v) for v in values) if name == "batch_norm" else sorted(values)
 
     def _dataset(self) -> dict:
         d = self.logs.experiment.get("dataset")

@@ -97,7 +97,10 @@ def write(out: Path, *, title: str = "Fixture lab", author: str = "A. Student",
     experiment = {"experiment": {"name": "fixture", "title": title, "author": author, "id": "ID-1",
                                  "date": "2025-02-02", "template": template,
                                  "objective": "Fixture objective."},
-                  "dataset": dataset, "runs": names + [MISSING_RUN], "source_text": "[grid]\nbatch_size = [64, 128]\n"}
+                  "dataset": dataset, "runs": names + [MISSING_RUN],
+                  "specs": [spec(bs, bn, s) for bs in BATCH_SIZES for bn in (False, True) for s in SEEDS]
+                  + [spec(256, False, 0)],
+                  "source_text": "[grid]\nbatch_size = [64, 128]\n"}
     (out / "experiment.json").write_text(json.dumps(experiment))
     return out
 

@@ -57,6 +57,7 @@ def run_grid(experiment: Experiment, *, logdir: Path, verbose: int = 0,
     names = [experiment.run_name(spec) for spec in experiment.runs]
     write_json_atomic(exp_dir / EXPERIMENT_MANIFEST, {
         "experiment": experiment.to_dict(), "dataset": d, "runs": names,
+        "specs": [spec.to_dict() for spec in experiment.runs],
         "source_text": Path(experiment.source).read_text(encoding="utf-8"),
     })
     write_hparams_config(exp_dir, experiment)
