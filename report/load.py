@@ -47,6 +47,7 @@ def load_logs(logdir: Path) -> Logs:
 
     rows, manifests = [], {}
     hparams = read_hparams(logdir)
+    runs_with_scalars = set(scalars["run"])
     for run_dir in run_dirs:
         run = run_dir.name
         manifest = _read_json(run_dir / "run.json")
@@ -57,8 +58,7 @@ def load_logs(logdir: Path) -> Logs:
             problems.append(f"{run}: no run.json and no hparams — its factors are unknown, run excluded")
             continue
         status = (manifest or {}).get("status", "unknown")
-        has_events = run in set(scalars["run"])
-        if not has_events:
+        if run not in runs_with_scalars:
             problems.append(f"{run}: no readable scalars in its event files, run excluded")
             continue
         if status not in ("complete", "diverged"):

@@ -67,9 +67,12 @@ def run_grid(experiment: Experiment, *, logdir: Path, verbose: int = 0,
               f"{', '.join(stale[:5])}{' …' if len(stale) > 5 else ''}", file=out, flush=True)
 
     total, counts, trained_seconds, trained = len(names), {}, 0.0, 0
+    # Decided once up front: which runs are already finished (the ETA counts the rest).
+    finished = [is_reusable(exp_dir / n, run_config(experiment, s, data))
+                for s, n in zip(experiment.runs, names)]
     for i, (spec, name) in enumerate(zip(experiment.runs, names), start=1):
         run_dir = exp_dir / name
-        done = is_reusable(run_dir, run_config(experiment, spec, data))
+        done = finished[i - 1]
         if done:
             counts["skipped"] = counts.get("skipped", 0) + 1
             print(f"run {i}/{total} {name}: already {done['status']}, skipped", file=out, flush=True)
@@ -81,8 +84,7 @@ def run_grid(experiment: Experiment, *, logdir: Path, verbose: int = 0,
         trained += 1
         status = manifest["status"]
         counts[status] = counts.get(status, 0) + 1
-        left = sum(1 for s, n in zip(experiment.runs[i:], names[i:])
-                   if not is_reusable(exp_dir / n, run_config(experiment, s, data)))
+        left = sum(1 for f in finished[i:] if not f)
         eta = f", ETA {_duration(trained_seconds / trained * left)}" if left else ""
         detail = manifest.get("error", "") if status == "failed" else _metrics(manifest["final"])
         print(f"run {i}/{total} {name}: {status} in {manifest['wall_seconds']:.1f}s {detail}{eta}",
