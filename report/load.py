@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from trainer.manifest import FINISHED
+
 SPLITS = ("train", "validation")
 SCALAR_COLUMNS = ["run", "split", "tag", "step", "value"]
 
@@ -46,14 +48,17 @@ def load_logs(logdir: Path) -> Logs:
         raise LogsError(f"no run folders under {logdir} — run `make train EXPERIMENT={logdir.name}` first")
 
     rows, manifests = [], {}
-    hparams = read_hparams(logdir)
+    hparams: dict[str, dict] | None = None  # parsed only if some run lacks run.json
     runs_with_scalars = set(scalars["run"])
     for run_dir in run_dirs:
         run = run_dir.name
         manifest = _read_json(run_dir / "run.json")
         if manifest is None and (run_dir / "run.json").exists():
             problems.append(f"{run}: run.json is not readable JSON")
-        spec = (manifest or {}).get("spec") or hparams.get(run)
+        spec = (manifest or {}).get("spec")
+        if not spec:
+            hparams = read_hparams(logdir) if hparams is None else hparams
+            spec = hparams.get(run)
         if not spec:
             problems.append(f"{run}: no run.json and no hparams — its factors are unknown, run excluded")
             continue
@@ -61,7 +66,7 @@ def load_logs(logdir: Path) -> Logs:
         if run not in runs_with_scalars:
             problems.append(f"{run}: no readable scalars in its event files, run excluded")
             continue
-        if status not in ("complete", "diverged"):
+        if status not in FINISHED:
             problems.append(f"{run}: status {status!r} (not finished), run excluded")
             continue
         manifests[run] = manifest or {}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pandas as pd
 
@@ -66,7 +66,6 @@ class Cell:
     std: float = float("nan")
     n: int = 0
     diverged: int = 0
-    values: list[float] = field(default_factory=list)
 
     @property
     def missing(self) -> bool:
@@ -97,7 +96,7 @@ def cell(logs: Logs, values: pd.DataFrame, where: dict, split: str, tag: str) ->
         return Cell(diverged=diverged)
     series = pd.Series(v)
     std = float(series.std(ddof=1)) if len(v) > 1 else float("nan")
-    return Cell(mean=float(series.mean()), std=std, n=len(v), diverged=diverged, values=v)
+    return Cell(mean=float(series.mean()), std=std, n=len(v), diverged=diverged)
 
 
 @dataclass
@@ -108,11 +107,6 @@ class Table:
     rows: list[list[str]]         # formatted cells, as shown
     data: list[dict]              # raw numbers for the CSV
     number: int = 0
-    note: str = ""
-
-    @property
-    def label(self) -> str:
-        return f"Table {self.number}: {self.caption}"
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.data)

@@ -6,10 +6,8 @@ import os
 import platform
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-Status = Literal["running", "complete", "diverged", "failed", "interrupted"]
-STATUSES: tuple[str, ...] = ("running", "complete", "diverged", "failed", "interrupted")
 # A run in one of these states has a result that rerunning the same spec would repeat.
 FINISHED: tuple[str, ...] = ("complete", "diverged")
 MANIFEST = "run.json"

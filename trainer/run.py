@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.data import Dataset
-from trainer.manifest import MANIFEST, hardware, library_versions, read_manifest, write_json_atomic
+from trainer.manifest import FINISHED, MANIFEST, hardware, library_versions, read_manifest, write_json_atomic
 from trainer.models import build_model, make_optimizer, summarize
 from trainer.spec import Experiment, RunSpec
 from trainer.tblog import EpochScalars, write_run_hparams
@@ -33,7 +33,7 @@ def run_config(experiment: Experiment, spec: RunSpec, data: Dataset) -> dict:
 def is_reusable(run_dir: Path, config: dict) -> dict | None:
     """The manifest of a finished run with the same config, else None."""
     manifest = read_manifest(run_dir)
-    if manifest and manifest.get("status") in ("complete", "diverged") and manifest.get("config") == config:
+    if manifest and manifest.get("status") in FINISHED and manifest.get("config") == config:
         return manifest
     return None
 
