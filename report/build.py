@@ -362,13 +362,13 @@ class Builder:
     def task(self) -> Document:
         exp = self.logs.experiment.get("experiment", {})
         sec = self.doc.section("Objective")
-        self.doc.text(sec, exp.get("objective") or "Study how the settings varied in this grid change training.")
+        self.doc.text(sec, _clip(exp.get("objective") or "", 4000) or "Study how the settings varied in this grid change training.")
         self.introduction(sec)
         sec = self.doc.section("Code Used")
         source = self.logs.experiment.get("source_text")
         if source:
             self.doc.text(sec, "The experiment file that produced these runs:")
-            sec.blocks.append({"kind": "code", "text": source})
+            sec.blocks.append({"kind": "code", "text": _clip(source, 50_000)})
         self.architecture(sec)
         sec = self.doc.section("Results")
         keys = [{**k, "batch_size": bs} if bs is not None else dict(k)
@@ -443,8 +443,14 @@ def build(logs: Logs, *, template: str, summary: str = "final", smoothing: float
     doc = builder.lab() if template == "lab" else builder.task()
     exp = logs.experiment.get("experiment", {})
     return {
-        "title": exp.get("title") or logs.logdir.name, "author": exp.get("author", ""),
-        "id": exp.get("id", ""), "date": exp.get("date") or date.today().isoformat(),
+        "title": _clip(exp.get("title") or logs.logdir.name), "author": _clip(exp.get("author", "")),
+        "id": _clip(exp.get("id", "")), "date": _clip(exp.get("date") or date.today().isoformat()),
         "template": template, "sections": doc.sections, "tables": doc.tables,
         "n_figures": doc.figures, "runs_read": len(logs.runs), "points_read": logs.points_read,
     }
+
+
+def _clip(text, limit: int = 300) -> str:
+    """Title-block strings from experiment.json, cut to what the trainer itself accepts."""
+    text = str(text)
+    return text if len(text) <= limit else text[:limit - 1] + "…"

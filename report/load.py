@@ -47,6 +47,7 @@ def load_logs(logdir: Path) -> Logs:
     if not run_dirs:
         raise LogsError(f"no run folders under {logdir} — run `make train EXPERIMENT={logdir.name}` first")
 
+    damaged = check_event_files(logdir, problems)
     rows, manifests = [], {}
     hparams: dict[str, dict] | None = None  # parsed only if some run lacks run.json
     runs_with_scalars = set(scalars["run"])
@@ -63,11 +64,17 @@ def load_logs(logdir: Path) -> Logs:
             problems.append(f"{run}: no run.json and no hparams — its factors are unknown, run excluded")
             continue
         status = (manifest or {}).get("status", "unknown")
+        if run in damaged:
+            continue  # named by check_event_files
         if run not in runs_with_scalars:
             problems.append(f"{run}: no readable scalars in its event files, run excluded")
             continue
         if status not in FINISHED:
             problems.append(f"{run}: status {status!r} (not finished), run excluded")
+            continue
+        disagreement = _disagreement(scalars[scalars["run"] == run], manifest or {}, status)
+        if disagreement:
+            problems.append(f"{run}: {disagreement}, run excluded")
             continue
         manifests[run] = manifest or {}
         rows.append({"run": run, "status": status, **{k: _hashable(v) for k, v in spec.items()},
@@ -77,10 +84,6 @@ def load_logs(logdir: Path) -> Logs:
     if runs.empty:
         raise LogsError(f"no finished run with readable logs under {logdir}:\n  " + "\n  ".join(problems))
     usable = scalars[scalars["run"].isin(runs["run"])].reset_index(drop=True)
-    bad = ~usable["value"].map(math.isfinite)
-    for run in sorted(set(usable.loc[bad, "run"])):
-        if runs.loc[runs["run"] == run, "status"].item() != "diverged":
-            problems.append(f"{run}: non-finite values in its scalars")
     expected = experiment.get("runs") or []
     for run in expected:
         if run not in manifests:
@@ -117,6 +120,56 @@ def read_scalars(logdir: Path, problems: list[str]) -> pd.DataFrame:
     out["value"] = out["value"].astype(float)
     out["step"] = out["step"].astype(int)
     return out
+
+
+def check_event_files(logdir: Path, problems: list[str]) -> set[str]:
+    """Runs with an event file that is empty, truncated or corrupt, each named in `problems`.
+
+    tbparse (through TensorBoard's loader) stops quietly at a damaged record and returns
+    what came before it, which would put a half-logged run in the tables as if it were
+    whole; TensorFlow's record reader checks every record's length and CRC instead.
+    """
+    import tensorflow as tf
+
+    damaged: set[str] = set()
+    for path in sorted(logdir.glob("*/*/events.out.tfevents.*")):
+        run, split = path.parent.parent.name, path.parent.name
+        if run.startswith(".") or split not in SPLITS:
+            continue
+        records, error = 0, None
+        try:
+            for _ in tf.compat.v1.io.tf_record_iterator(str(path)):
+                records += 1
+        except Exception as exc:  # noqa: BLE001 - DataLossError and OS errors alike mean damage
+            error = str(exc).split(" failed with ")[0].splitlines()[0]
+        if error is None and records == 0:
+            error = "empty file"
+        if error:
+            problems.append(f"{run}: {split} event file {path.name} is damaged ({error}; "
+                            f"{records} good records before it), run excluded")
+            damaged.add(run)
+    return damaged
+
+
+def _disagreement(scalars: pd.DataFrame, manifest: dict, status: str) -> str | None:
+    """Why a finished run's scalars can't be trusted as a whole, or None."""
+    dup = scalars.duplicated(["split", "tag", "step"])
+    if dup.any():
+        first = scalars[dup].iloc[0]
+        return f"step {first['step']} of {first['split']}/{first['tag']} is logged {1 + int(dup.sum())} times"
+    if status == "complete":
+        if not scalars["value"].map(math.isfinite).all():
+            return "non-finite values although run.json says complete"
+        steps = manifest.get("steps")
+        logged = scalars.loc[(scalars["split"] == "train") & (scalars["tag"] == "step_loss"), "step"]
+        if isinstance(steps, int) and len(logged) and sorted(logged) != list(range(1, steps + 1)):
+            return f"logs hold {len(logged)} step losses, run.json says {steps} steps"
+        epochs = manifest.get("epochs_completed")
+        for split in SPLITS:
+            logged = scalars.loc[(scalars["split"] == split) & (scalars["tag"] == "epoch_loss"), "step"]
+            if isinstance(epochs, int) and sorted(logged) != list(range(epochs)):
+                return f"{split} logs hold {len(logged)} epochs, run.json says {epochs}"
+    return None
 
 
 def read_hparams(logdir: Path) -> dict[str, dict]:

@@ -1,17 +1,35 @@
 """Context → HTML (jinja2, autoescaped) → PDF (weasyprint, fetching nothing from outside)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import jinja2
+from markupsafe import Markup
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 TEMPLATES = ("lab", "task")
 
 
+# Control characters other than tab and newline are invalid in HTML and PDF text.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def printable(value):
+    """Every value a template prints, with control characters made visible as U+FFFD.
+
+    Logs copied from elsewhere can carry NUL or escape characters in titles, run names
+    or tags; cleaning at the single output point covers them all. Markup (our own SVG)
+    stays Markup so autoescaping does not escape it a second time.
+    """
+    if isinstance(value, Markup):
+        return Markup(_CONTROL.sub("\ufffd", str(value)))
+    return _CONTROL.sub("\ufffd", value) if isinstance(value, str) else value
+
+
 def render_html(context: dict) -> str:
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
+        loader=jinja2.FileSystemLoader(TEMPLATES_DIR), finalize=printable,
         autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
     )
     return env.get_template(f"{context['template']}.html.j2").render(**context)

@@ -88,13 +88,32 @@ BAD = {
     "grid value not a list": ("[grid]\nbatch_size = 64\n", ["[grid] batch_size", "must be a list"]),
     "unknown table": ("[trainng]\nepochs = 2\n", ["[trainng]", "valid tables"]),
     "invalid toml": ("[run\nepochs = 2\n", ["invalid TOML"]),
+    "wrong type for a number": ("[run]\nlearning_rate = 'fast'\n", ["[run] learning_rate", "positive number"]),
+    "negative learning rate": ("[grid]\nlearning_rate = [0.1, -0.01]\n", ["[grid] learning_rate", "positive number"]),
+    "boolean given as a word": ("[grid]\nbatch_norm = ['yes']\n", ["[grid] batch_norm", "true or false"]),
+    "zero-width layer": ("[run]\nhidden = [128, 0]\n", ["[run] hidden", "positive layer widths"]),
+    "typo in template": ("[experiment]\ntemplate = 'labb'\n", ["[experiment] template", "did you mean 'lab'"]),
+    "zero steps per execution": ("[execution]\nsteps_per_execution = 0\n", ["[execution] steps_per_execution"]),
+    "repeats and seeds both": ("[grid]\nrepeats = 2\nseed = [0, 1]\n", ["[grid] repeats", "not both"]),
+    "NUL in the title": ('[experiment]\ntitle = "a\\u0000b"\n', ["[experiment] title", "U+0000"]),
+    "very long author": (f"[experiment]\nauthor = '{'x' * 5000}'\n", ["[experiment] author", "limit is 300"]),
+    "huge grid without confirmation": (
+        "[grid]\nbatch_size = %s\nseed = %s\n" % (list(range(1, 31)), list(range(30))),
+        ["[grid]", "900 runs", "--confirm-large"]),
+    "file name that is not a folder name": ("[run]\nepochs = 1\n", ["file name", "rename the file"], "my exp<1>.toml"),
+    "dot-dot file name": ("[run]\nepochs = 1\n", ["file name", "rename the file"], "...toml"),
+    "not UTF-8": (b"\xff\xfe[run]\n", ["not a UTF-8 text file"]),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_files_exit_2_with_one_message_naming_file_and_key(case, tmp_path, capsys):
-    text, expected = BAD[case]
-    path = write(tmp_path, text)
+    text, expected, *name = BAD[case]
+    path = tmp_path / (name[0] if name else "exp.toml")
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(textwrap.dedent(text))
     logdir = tmp_path / "logs"
     assert main(["--experiment", str(path), "--logdir", str(logdir)]) == 2
     err = capsys.readouterr().err

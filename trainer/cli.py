@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     # Each run builds a new model, so retracing is expected; the warning would only alarm.
     tf.get_logger().setLevel("ERROR")
 
+    # A batch scheduler stops jobs with SIGTERM: treat it like Ctrl-C, so the current run
+    # is marked interrupted (and its lock released) instead of left "running".
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return run_grid(experiment, logdir=args.logdir, verbose=args.verbose,
                         allow_download=not args.no_download)
@@ -58,3 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: the current run is marked interrupted and restarts on the next "
               "`make train`", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)

@@ -1,6 +1,9 @@
 """Run every cell of an experiment's grid, skipping finished runs, with progress and ETA."""
 from __future__ import annotations
 
+import errno
+import math
+import shutil
 import sys
 import tempfile
 import time
@@ -8,16 +11,40 @@ from pathlib import Path
 from typing import TextIO
 
 from trainer import data as datasets
+from trainer.lock import RunLock, describe_owner, try_lock
 from trainer.manifest import write_json_atomic
 from trainer.run import is_reusable, run_config, train_run
-from trainer.spec import Experiment
+from trainer.spec import Experiment, RunSpec
 from trainer.tblog import write_hparams_config
 
 EXPERIMENT_MANIFEST = "experiment.json"
 
 
 class LogDirError(Exception):
-    """The log root cannot be written; raised before any training starts."""
+    """The log root cannot be written (or has too little space); raised before training."""
+
+
+# Errors that mean the disk, not the run, is at fault: the grid stops instead of failing
+# every remaining run the same way.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+# Measured on smoke logs: run.json ≈ 14 kB (model summary, versions), 67 bytes per
+# step_loss event, ≈ 100 bytes per epoch scalar; rounded up.
+_BYTES_PER_RUN, _BYTES_PER_STEP, _BYTES_PER_EPOCH = 32_000, 100, 400
+
+
+def estimate_bytes(specs: list[RunSpec], train_examples: int) -> int:
+    """An upper estimate of the log bytes that training `specs` writes."""
+    return sum(_BYTES_PER_RUN + s.epochs * (math.ceil(train_examples / s.batch_size) * _BYTES_PER_STEP
+                                             + _BYTES_PER_EPOCH) for s in specs)
+
+
+def check_space(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < 2 * needed:
+        raise LogDirError(f"the log folder {folder} has {free / 1e6:.1f} MB free; this grid writes "
+                          f"about {needed / 1e6:.1f} MB of logs and needs twice that to be safe. "
+                          "Free some space or choose another folder with --logdir (LOGDIR= with make)")
 
 
 def check_writable(folder: Path) -> None:
@@ -70,20 +97,51 @@ def run_grid(experiment: Experiment, *, logdir: Path, verbose: int = 0,
     # Decided once up front: which runs are already finished (the ETA counts the rest).
     finished = [is_reusable(exp_dir / n, run_config(experiment, s, data))
                 for s, n in zip(experiment.runs, names)]
+    check_space(exp_dir, estimate_bytes([s for s, f in zip(experiment.runs, finished) if not f],
+                                        len(data.x_train)))
+
+    def count(status: str) -> None:
+        counts[status] = counts.get(status, 0) + 1
+
     for i, (spec, name) in enumerate(zip(experiment.runs, names), start=1):
         run_dir = exp_dir / name
         done = finished[i - 1]
         if done:
-            counts["skipped"] = counts.get("skipped", 0) + 1
+            count("skipped")
             print(f"run {i}/{total} {name}: already {done['status']}, skipped", file=out, flush=True)
             continue
-        print(f"run {i}/{total} {name}: start", file=out, flush=True)
-        t0 = time.perf_counter()
-        manifest = train_run(experiment, spec, data, run_dir, verbose=verbose)
+        lock = try_lock(exp_dir, name)
+        if not isinstance(lock, RunLock):
+            count("busy elsewhere")
+            print(f"run {i}/{total} {name}: being trained by {describe_owner(lock)}, skipped",
+                  file=out, flush=True)
+            continue
+        try:
+            # Another trainer may have finished it between the first look and the lock.
+            done = is_reusable(run_dir, run_config(experiment, spec, data))
+            if done:
+                count("skipped")
+                print(f"run {i}/{total} {name}: finished by another trainer, skipped", file=out, flush=True)
+                continue
+            if lock.stale_owner:
+                print(f"run {i}/{total} {name}: taking over from a dead trainer "
+                      f"({describe_owner(lock.stale_owner)})", file=out, flush=True)
+            print(f"run {i}/{total} {name}: start", file=out, flush=True)
+            t0 = time.perf_counter()
+            try:
+                manifest = train_run(experiment, spec, data, run_dir, verbose=verbose)
+            except OSError as exc:
+                if exc.errno not in _DISK_ERRNOS:
+                    raise
+                raise LogDirError(f"run {name} could not be written ({exc.strerror}); the grid stopped. "
+                                  f"That run is left unfinished and is retrained, not reported. "
+                                  f"Free space in {exp_dir} and run the same command again") from None
+        finally:
+            lock.release()
         trained_seconds += time.perf_counter() - t0
         trained += 1
         status = manifest["status"]
-        counts[status] = counts.get(status, 0) + 1
+        count(status)
         left = sum(1 for f in finished[i:] if not f)
         eta = f", ETA {_duration(trained_seconds / trained * left)}" if left else ""
         detail = manifest.get("error", "") if status == "failed" else _metrics(manifest["final"])

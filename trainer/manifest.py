@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from trainer import faults
+
 # A run in one of these states has a result that rerunning the same spec would repeat.
 FINISHED: tuple[str, ...] = ("complete", "diverged")
 MANIFEST = "run.json"
@@ -23,6 +25,7 @@ def write_atomic(path: Path, data: bytes | str) -> None:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        faults.point("manifest")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

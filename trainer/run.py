@@ -16,7 +16,7 @@ from trainer.data import Dataset
 from trainer.manifest import FINISHED, MANIFEST, hardware, library_versions, read_manifest, write_json_atomic
 from trainer.models import build_model, make_optimizer, summarize
 from trainer.spec import Experiment, RunSpec
-from trainer.tblog import EpochScalars, write_run_hparams
+from trainer.tblog import EpochScalars, write_run_hparams, write_run_status
 
 SPLITS = ("train", "validation")
 
@@ -108,5 +108,10 @@ def _finish(manifest, model, scalars, data, spec, start, status, run_dir, writer
         "epochs_completed": scalars.epochs_done,
         "final": {k: (v if np.isfinite(v) else None) for k, v in scalars.last.items()},
     })
+    if status == "diverged":
+        manifest["diverged_at_step"] = scalars.diverged_at
+    detail = {"diverged": f"non-finite loss by step {scalars.diverged_at}",
+              "failed": manifest.get("error", "")}.get(status, "")
+    write_run_status(run_dir, status, detail)
     write_json_atomic(run_dir / MANIFEST, manifest)
     return manifest

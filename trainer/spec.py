@@ -209,9 +209,12 @@ class _Checker:
                 if key not in keys:
                     self.fail(f"[{table}] {key}", f"unknown key{_suggest(key, keys)}; valid keys: {', '.join(sorted(keys))}")
 
+        if not _NAME_RE.fullmatch(name):
+            self.fail("file name", f"{name!r} names the log folder, so it must be 1–100 letters, digits, "
+                      "'.', '_', '+' or '-' and start with a letter or digit; rename the file")
         meta = tables["experiment"]
-        strings = {k: self.string(f"[experiment] {k}", meta.get(k, ""), allow_empty=True)
-                   for k in ("title", "author", "id", "objective")}
+        strings = {k: self.string(f"[experiment] {k}", meta.get(k, ""), allow_empty=True,
+                                  max_length=limit) for k, limit in _TEXT_LIMITS.items()}
         date = meta.get("date", "")
         if not isinstance(date, str):  # TOML dates arrive as datetime.date
             date = date.isoformat() if hasattr(date, "isoformat") else self.string("[experiment] date", date)
@@ -338,12 +341,16 @@ class _Checker:
             return _BAD
         return value
 
-    def string(self, label: str, value: Any, *, allow_empty: bool = False):
+    def string(self, label: str, value: Any, *, allow_empty: bool = False, max_length: int = 4096):
         if not isinstance(value, str) or (not allow_empty and not value):
             self.fail(label, f"must be a string, got {value!r}")
             return ""
-        if "\x00" in value:
-            self.fail(label, "contains a NUL character")
+        bad = sorted({f"U+{ord(c):04X}" for c in value if _CONTROL_RE.match(c)})
+        if bad:
+            self.fail(label, f"contains control character(s) {', '.join(bad)}; remove them")
+            return ""
+        if len(value) > max_length:
+            self.fail(label, f"is {len(value)} characters long; the limit is {max_length}")
             return ""
         return value
 
@@ -357,6 +364,10 @@ class _Checker:
 
 
 _BAD = object()
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+# Control characters other than tab and newline: NUL and friends break HTML and PDF text.
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_TEXT_LIMITS = {"title": 300, "author": 300, "id": 100, "objective": 4000}
 
 
 def _example(key: str) -> str:

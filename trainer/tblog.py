@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 
+from trainer import faults
 from trainer.spec import RUN_FIELDS, Experiment, RunSpec
 
 # Metrics the HParams dashboard shows for each run: (group = run subfolder, tag).
@@ -52,6 +53,27 @@ def write_run_hparams(run_dir: Path, spec: RunSpec, trial_id: str) -> None:
     writer.close()
 
 
+# What the HParams dashboard's "session status" shows for each run status.
+_SESSION_STATUS = {"complete": "STATUS_SUCCESS", "diverged": "STATUS_FAILURE",
+                   "failed": "STATUS_FAILURE", "interrupted": "STATUS_UNKNOWN"}
+
+
+def write_run_status(run_dir: Path, status: str, detail: str = "") -> None:
+    """Mark the run's end in TensorBoard: the HParams session status, and a `run_status`
+    text summary (Text dashboard) that says e.g. "diverged: non-finite loss"."""
+    import time
+
+    from tensorboard.plugins.hparams import api_pb2
+    from tensorboard.plugins.hparams import summary as hp_summary
+
+    pb = hp_summary.session_end_pb(api_pb2.Status.Value(_SESSION_STATUS[status]), int(time.time()))
+    writer = tf.summary.create_file_writer(str(run_dir))
+    with writer.as_default():
+        tf.summary.experimental.write_raw_pb(pb.SerializeToString(), step=0)
+        tf.summary.text("run_status", f"{status}: {detail}" if detail else status, step=0)
+    writer.close()
+
+
 class EpochScalars(keras.callbacks.Callback):
     """Writes `epoch_*` scalars to train/ and validation/ (step = epoch index, from 0).
 
@@ -65,16 +87,19 @@ class EpochScalars(keras.callbacks.Callback):
         super().__init__()
         self.writers = {"train": train_writer, "validation": validation_writer}
         self.diverged = False
+        self.diverged_at: int | None = None
         self.epochs_done = 0
         self.last: dict[str, float] = {}
 
     def _check(self, logs) -> None:
         loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
+        if loss is not None and not math.isfinite(float(loss)) and not self.diverged:
             self.diverged = True
+            self.diverged_at = int(self.model.optimizer.iterations.numpy())
             self.model.stop_training = True
 
     def on_train_batch_end(self, batch, logs=None):
+        faults.point("step")
         self._check(logs)
 
     def on_epoch_end(self, epoch, logs=None):
@@ -85,6 +110,7 @@ class EpochScalars(keras.callbacks.Callback):
                     is_val = key.startswith("val_")
                     if is_val == (split == "validation"):
                         tf.summary.scalar(f"epoch_{key.removeprefix('val_')}", value, step=epoch)
+            faults.point("flush")
             writer.flush()
         self.epochs_done = epoch + 1
         self.last = logs
