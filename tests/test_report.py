@@ -160,14 +160,32 @@ def test_hostile_strings_are_inert(fixture_logs, tmp_path):
     exp["experiment"]["title"] = '<script>alert(1)</script><img src="file:///etc/passwd"> {{ 7*7 }}'
     exp["experiment"]["author"] = '<img src="http://127.0.0.1:9/x">'
     (logs / "experiment.json").write_text(json.dumps(exp))
-    weird = logs / "<i>run<i>..%2e%2e"
+    exp["experiment"]["id"] = "nul\x00esc\x1b[31m"
+    exp["experiment"]["date"] = "x" * 100_000
+    (logs / "experiment.json").write_text(json.dumps(exp))
+    weird = logs / "<i>run<i>..%2e%2e\x07"
     shutil.copytree(logs / fx.run_name(64, False, 0), weird)
+    manifest = json.loads((weird / "run.json").read_text())
+    manifest["spec"]["initializer"] = "../../../tmp/<b>pwn</b>"
+    (weird / "run.json").write_text(json.dumps(manifest))
+    import tensorflow as tf
+
+    with tf.summary.create_file_writer(str(weird / "train")).as_default():
+        tf.summary.scalar("<script>x</script>/../../tag", 1.0, step=0)
+    before = sorted(p for p in tmp_path.rglob("*"))
     out = tmp_path / "out"
     assert main(["--logdir", str(logs), "--out", str(out)]) == 0
     html = (out / "report.html").read_text()
     assert "<script>" not in html and '<img src="file:' not in html and '<img src="http' not in html
+    assert "<b>pwn" not in html and "&lt;b&gt;pwn" in html
     assert "&lt;script&gt;" in html and "{{ 7*7 }}" in html and "&lt;i&gt;run&lt;i&gt;..%2e%2e" in html
+    assert "\x00" not in html and "\x1b" not in html and "\x07" not in html and "nul\ufffdesc" in html
+    assert "x" * 300 not in html  # the 100,000-character date is cut
     assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.pdf", "tables"]
+    # Confined: the only new files are the report's own, none outside --out.
+    after = sorted(p for p in tmp_path.rglob("*"))
+    assert [p for p in after if p not in before and out not in p.parents and p != out] == []
+    assert all(p.parent == out / "tables" for p in (out / "tables").rglob("*"))
     assert "root:" not in pdf_text(out / "report.pdf")
 
 

@@ -22,7 +22,7 @@ def test_grid_completes_with_one_folder_per_run(smoke):
     code, exp_dir, exp = smoke
     assert code == 0
     names = {exp.run_name(s) for s in exp.runs}
-    assert {p.name for p in exp_dir.iterdir() if p.is_dir()} == names
+    assert {p.name for p in exp_dir.iterdir() if p.is_dir() and p.name != ".locks"} == names
     for name in names:
         manifest = json.loads((exp_dir / name / "run.json").read_text())
         assert manifest["status"] == "complete"
@@ -119,6 +119,20 @@ def test_rerun_skips_complete_runs_and_restarts_partial_ones(smoke, synthetic_np
     assert json.loads((victim / "run.json").read_text())["status"] == "complete"
 
 
+def tensorboard_status(run_dir):
+    """(HParams session status, run_status text) as TensorBoard reads them from the run's root."""
+    from tensorboard.backend.event_processing import plugin_event_multiplexer
+    from tensorboard.plugins.hparams import api_pb2, metadata
+
+    mux = plugin_event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(run_dir))
+    mux.Reload()
+    content = mux.PluginRunToTagToContent(metadata.PLUGIN_NAME)["."]
+    end = metadata.parse_session_end_info_plugin_data(content[metadata.SESSION_END_INFO_TAG])
+    (text,) = mux.Tensors(".", "run_status")
+    return api_pb2.Status.Name(end.status), text.tensor_proto.string_val[0].decode()
+
+
 def test_diverged_run_is_marked_and_the_grid_goes_on(tmp_path, synthetic_npz, capsys):
     path = tmp_path / "blowup.toml"
     path.write_text(textwrap.dedent("""
@@ -136,11 +150,14 @@ def test_diverged_run_is_marked_and_the_grid_goes_on(tmp_path, synthetic_npz, ca
     code = main(["--experiment", str(path), "--data", str(synthetic_npz), "--logdir", str(tmp_path / "logs")])
     assert code == 0
     statuses = {}
-    for run_dir in (tmp_path / "logs" / "blowup").iterdir():
-        if run_dir.is_dir():
-            m = json.loads((run_dir / "run.json").read_text())
-            statuses[m["spec"]["learning_rate"]] = m
+    for run_dir in (tmp_path / "logs" / "blowup").glob("*/run.json"):
+        m = json.loads(run_dir.read_text())
+        statuses[m["spec"]["learning_rate"]] = m
     assert statuses[1e30]["status"] == "diverged"
+    assert tensorboard_status(tmp_path / "logs" / "blowup" / statuses[1e30]["run"]) == (
+        "STATUS_FAILURE", f"diverged: non-finite loss by step {statuses[1e30]['diverged_at_step']}")
+    assert tensorboard_status(tmp_path / "logs" / "blowup" / statuses[0.01]["run"]) == (
+        "STATUS_SUCCESS", "complete")
     assert statuses[1e30]["steps"] < 2 * 12 and statuses[1e30]["epochs_completed"] < 2
     assert statuses[0.01]["status"] == "complete" and statuses[0.01]["epochs_completed"] == 2
     assert "1 diverged" in capsys.readouterr().out

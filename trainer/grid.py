@@ -13,7 +13,7 @@ from typing import TextIO
 from trainer import data as datasets
 from trainer.lock import RunLock, describe_owner, try_lock
 from trainer.manifest import write_json_atomic
-from trainer.run import is_reusable, run_config, train_run
+from trainer.run import DISK_ERRORS, is_reusable, run_config, train_run
 from trainer.spec import Experiment, RunSpec
 from trainer.tblog import write_hparams_config
 
@@ -28,9 +28,9 @@ class LogDirError(Exception):
 # every remaining run the same way.
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
-# Measured on smoke logs: run.json ≈ 14 kB (model summary, versions), 67 bytes per
-# step_loss event, ≈ 100 bytes per epoch scalar; rounded up.
-_BYTES_PER_RUN, _BYTES_PER_STEP, _BYTES_PER_EPOCH = 32_000, 100, 400
+# Measured on smoke logs: ≈ 4.4 kB per run of fixed files (run.json, hparams, status),
+# 67 bytes per step_loss event, ≈ 100 bytes per epoch scalar; rounded up.
+_BYTES_PER_RUN, _BYTES_PER_STEP, _BYTES_PER_EPOCH = 8_000, 100, 400
 
 
 def estimate_bytes(specs: list[RunSpec], train_examples: int) -> int:
@@ -82,6 +82,11 @@ def run_grid(experiment: Experiment, *, logdir: Path, verbose: int = 0,
           f"({d['train_examples']} train / {d['validation_examples']} validation, {d['validation']})",
           file=out, flush=True)
     names = [experiment.run_name(spec) for spec in experiment.runs]
+    # Decided once up front: which runs are already finished (the ETA counts the rest).
+    finished = [is_reusable(exp_dir / n, run_config(experiment, s, data))
+                for s, n in zip(experiment.runs, names)]
+    check_space(exp_dir, estimate_bytes([s for s, f in zip(experiment.runs, finished) if not f],
+                                        len(data.x_train)))
     write_json_atomic(exp_dir / EXPERIMENT_MANIFEST, {
         "experiment": experiment.to_dict(), "dataset": d, "runs": names,
         "specs": [spec.to_dict() for spec in experiment.runs],
@@ -94,11 +99,6 @@ def run_grid(experiment: Experiment, *, logdir: Path, verbose: int = 0,
               f"{', '.join(stale[:5])}{' …' if len(stale) > 5 else ''}", file=out, flush=True)
 
     total, counts, trained_seconds, trained = len(names), {}, 0.0, 0
-    # Decided once up front: which runs are already finished (the ETA counts the rest).
-    finished = [is_reusable(exp_dir / n, run_config(experiment, s, data))
-                for s, n in zip(experiment.runs, names)]
-    check_space(exp_dir, estimate_bytes([s for s, f in zip(experiment.runs, finished) if not f],
-                                        len(data.x_train)))
 
     def count(status: str) -> None:
         counts[status] = counts.get(status, 0) + 1
@@ -142,6 +142,11 @@ def run_grid(experiment: Experiment, *, logdir: Path, verbose: int = 0,
         trained += 1
         status = manifest["status"]
         count(status)
+        if manifest.get("disk_error"):
+            reason = next(e for e in DISK_ERRORS if e in manifest["error"])
+            raise LogDirError(f"run {name} could not write its logs ({reason}); "
+                              f"the grid stopped. That run is marked failed and is retrained, not reported. "
+                              f"Free space in {exp_dir} and run the same command again")
         left = sum(1 for f in finished[i:] if not f)
         eta = f", ETA {_duration(trained_seconds / trained * left)}" if left else ""
         detail = manifest.get("error", "") if status == "failed" else _metrics(manifest["final"])

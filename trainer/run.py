@@ -63,21 +63,26 @@ def train_run(experiment: Experiment, spec: RunSpec, data: Dataset, run_dir: Pat
     }
     write_json_atomic(run_dir / MANIFEST, manifest)
 
-    keras.utils.set_random_seed(spec.seed)
-    model = build_model(spec, input_shape=data.x_train.shape[1:], classes=int(data.y_train.max()) + 1)
-    model.compile(optimizer=make_optimizer(spec), loss=spec.loss, metrics=["accuracy"],
-                  steps_per_execution=experiment.steps_per_execution)
-    manifest["model"] = summarize(model)
-    write_run_hparams(run_dir, spec, trial_id=run_dir.name)
-
-    y_train, y_val = data.y_train, data.y_val
-    if spec.loss == "categorical_crossentropy":
-        classes = int(data.y_train.max()) + 1
-        y_train, y_val = (keras.utils.to_categorical(y, classes) for y in (y_train, y_val))
+    # A fresh Keras state per run: layer names (shown in the report) and memory do not
+    # depend on how many runs this process trained before.
+    keras.backend.clear_session()
     writers = {s: tf.summary.create_file_writer(str(run_dir / s)) for s in SPLITS}
     scalars = EpochScalars(writers["train"], writers["validation"])
+    model = None
     start = time.perf_counter()
+    # Everything after the "running" manifest is inside the try, so an interrupt or an
+    # error at any point (model build included) still ends in a final manifest.
     try:
+        keras.utils.set_random_seed(spec.seed)
+        model = build_model(spec, input_shape=data.x_train.shape[1:], classes=int(data.y_train.max()) + 1)
+        model.compile(optimizer=make_optimizer(spec), loss=spec.loss, metrics=["accuracy"],
+                      steps_per_execution=experiment.steps_per_execution)
+        manifest["model"] = summarize(model)
+        write_run_hparams(run_dir, spec, trial_id=run_dir.name)
+        y_train, y_val = data.y_train, data.y_val
+        if spec.loss == "categorical_crossentropy":
+            classes = int(data.y_train.max()) + 1
+            y_train, y_val = (keras.utils.to_categorical(y, classes) for y in (y_train, y_val))
         with writers["train"].as_default():
             model.fit(
                 data.x_train, y_train, batch_size=spec.batch_size, epochs=spec.epochs,
@@ -89,17 +94,32 @@ def train_run(experiment: Experiment, spec: RunSpec, data: Dataset, run_dir: Pat
         _finish(manifest, model, scalars, data, spec, start, "interrupted", run_dir, writers)
         raise
     except Exception as exc:  # noqa: BLE001 - one failed run must not stop the grid
-        manifest["error"] = "".join(traceback.format_exception_only(exc)).strip()
+        manifest["error"] = _one_line(exc)
         manifest["traceback"] = traceback.format_exc()
         status = "failed"
     return _finish(manifest, model, scalars, data, spec, start, status, run_dir, writers)
 
 
+# How a full disk, a quota, a file-size limit or a read-only mount show up, from Python
+# (OSError) or from TensorFlow's C++ writers (a tf.errors message with the OS text).
+DISK_ERRORS = ("No space left on device", "Disk quota exceeded", "File too large", "Read-only file system")
+
+
+def _one_line(exc: BaseException) -> str:
+    return "".join(traceback.format_exception_only(exc)).strip()
+
+
 def _finish(manifest, model, scalars, data, spec, start, status, run_dir, writers) -> dict:
+    # A run whose event files could not be completely written is not finished, whatever
+    # training did: marking it failed keeps a half-written log out of the report.
+    log_errors = []
     for writer in writers.values():
-        writer.flush()
-        writer.close()
-    steps = int(model.optimizer.iterations.numpy())
+        try:
+            writer.flush()
+            writer.close()
+        except Exception as exc:  # noqa: BLE001 - recorded, and the run is marked failed
+            log_errors.append(_one_line(exc))
+    steps = int(model.optimizer.iterations.numpy()) if model is not None else 0
     steps_per_epoch = math.ceil(len(data.x_train) / spec.batch_size)
     full, partial = divmod(steps, steps_per_epoch)
     manifest.update({
@@ -112,6 +132,13 @@ def _finish(manifest, model, scalars, data, spec, start, status, run_dir, writer
         manifest["diverged_at_step"] = scalars.diverged_at
     detail = {"diverged": f"non-finite loss by step {scalars.diverged_at}",
               "failed": manifest.get("error", "")}.get(status, "")
-    write_run_status(run_dir, status, detail)
+    try:
+        write_run_status(run_dir, status, detail)
+    except Exception as exc:  # noqa: BLE001 - as above
+        log_errors.append(_one_line(exc))
+    if log_errors and status != "interrupted":
+        manifest["status"] = "failed"
+        manifest.setdefault("error", "event files could not be written: " + log_errors[0])
+    manifest["disk_error"] = any(e in manifest.get("error", "") for e in DISK_ERRORS)
     write_json_atomic(run_dir / MANIFEST, manifest)
     return manifest
