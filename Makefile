@@ -11,7 +11,9 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 TRAIN_ARGS := --experiment $(EXPERIMENT) --logdir $(LOGDIR) \
 	$(if $(DATASET),--dataset $(DATASET)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
 	$(if $(LIMIT),--limit $(LIMIT)) $(if $(DATA),--data $(DATA)) \
-	$(if $(VERBOSE),--verbose $(VERBOSE)) $(if $(CONFIRM),--confirm-large)
+	$(if $(VERBOSE),--verbose $(VERBOSE)) $(if $(CONFIRM),--confirm-large) \
+	$(if $(EXECUTOR),--executor $(EXECUTOR)) $(if $(WORKERS),--workers $(WORKERS)) \
+	$(if $(SHARD),--shard $(SHARD)) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS))
 
 .DEFAULT_GOAL := help
 .PHONY: help venv dataset train report test tensorboard clean
@@ -43,6 +45,7 @@ dataset:
 	fi
 
 ## train: train EXPERIMENT (default lab) into LOGDIR; also DATASET= EPOCHS= LIMIT= DATA= VERBOSE=1
+##        WORKERS=N (local processes), EXECUTOR=ray RAY_ADDRESS=auto, SHARD=i/n
 train: $(STAMP) dataset
 	$(BIN)/python -m trainer $(TRAIN_ARGS)
 

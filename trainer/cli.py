@@ -7,6 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
+from trainer.executors import EXECUTORS
 from trainer.spec import DATASETS, ExperimentError, list_presets, load_experiment
 
 EXIT_USAGE = 2
@@ -27,7 +28,55 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="Keras fit verbosity: 1 progress bar, 2 one line per epoch")
     parser.add_argument("--confirm-large", action="store_true", help="allow grids over the run limit")
     parser.add_argument("--no-download", action="store_true", help="never let keras download a dataset")
+    run = parser.add_argument_group("where runs execute")
+    run.add_argument("--executor", choices=EXECUTORS, default="local",
+                     help="local: this machine (default); ray: one Ray task per run")
+    run.add_argument("--workers", type=_positive_int, default=1,
+                     help="local executor: train this many runs at once in separate processes, "
+                          "the CPU threads split between them (default 1: in this process)")
+    run.add_argument("--shard", type=_shard, metavar="I/N",
+                     help="train only the I-th of N disjoint slices of the grid (I from 0), "
+                          "e.g. one Slurm array task each")
+    run.add_argument("--ray-address", metavar="ADDRESS",
+                     help="ray executor: a running cluster ('auto', or ray://host:10001); "
+                          "default: start a Ray instance on this machine")
+    run.add_argument("--cpus-per-run", type=_positive_float, default=1.0,
+                     help="ray executor: CPUs each run declares (and TF threads it uses; default 1)")
+    run.add_argument("--gpus-per-run", type=_non_negative_float, default=0.0,
+                     help="ray executor: GPUs each run declares (default 0)")
     return parser.parse_args(argv)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+    return value
+
+
+def _shard(text: str) -> tuple[int, int]:
+    from trainer.grid import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # Imported late: TensorFlow takes seconds to load, and a typo should fail fast.
     from trainer.data import DatasetUnavailable
+    from trainer.executors import ExecutorUnavailable
     from trainer.grid import LogDirError, run_grid
 
     import tensorflow as tf
@@ -54,8 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return run_grid(experiment, logdir=args.logdir, verbose=args.verbose,
-                        allow_download=not args.no_download)
-    except (DatasetUnavailable, LogDirError) as exc:
+                        allow_download=not args.no_download, executor=args.executor,
+                        workers=args.workers, threads=max(1, (os.cpu_count() or 1) // args.workers),
+                        shard=args.shard, ray_address=args.ray_address,
+                        cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run)
+    except (DatasetUnavailable, LogDirError, ExecutorUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -1,7 +1,6 @@
 """Run every cell of an experiment's grid, skipping finished runs, with progress and ETA."""
 from __future__ import annotations
 
-import errno
 import math
 import shutil
 import sys
@@ -11,9 +10,9 @@ from pathlib import Path
 from typing import TextIO
 
 from trainer import data as datasets
-from trainer.lock import RunLock, describe_owner, try_lock
+from trainer.executors import EXECUTORS, Task, run_local, run_ray
 from trainer.manifest import write_json_atomic
-from trainer.run import DISK_ERRORS, is_reusable, run_config, train_run
+from trainer.run import DISK_ERRORS, is_reusable, run_config
 from trainer.spec import Experiment, RunSpec
 from trainer.tblog import write_hparams_config
 
@@ -23,10 +22,6 @@ EXPERIMENT_MANIFEST = "experiment.json"
 class LogDirError(Exception):
     """The log root cannot be written (or has too little space); raised before training."""
 
-
-# Errors that mean the disk, not the run, is at fault: the grid stops instead of failing
-# every remaining run the same way.
-_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 # Measured on smoke logs: ≈ 4.4 kB per run of fixed files (run.json, hparams, status),
 # 67 bytes per step_loss event, ≈ 100 bytes per epoch scalar; rounded up.
@@ -68,9 +63,38 @@ def _metrics(final: dict) -> str:
     return " ".join(f"{k}={final[k]:.4f}" for k in keys if isinstance(final.get(k), float))
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """"i/n" → (i, n): the (i+1)-th of n disjoint slices of the grid, 0 <= i < n."""
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected i/n, e.g. 3/10 for the 4th of 10 slices") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {text!r}: need 0 <= i < n (slices are numbered from 0, "
+                         "as in a Slurm array --array=0-9 with $SLURM_ARRAY_TASK_ID)")
+    return i, n
+
+
+def shard_runs(total: int, shard: tuple[int, int] | None) -> list[int]:
+    """The grid positions in a shard: position mod n. The grid's order comes from the
+    experiment file alone, so every machine computes the same slices, and they differ
+    in size by at most one run."""
+    if shard is None:
+        return list(range(total))
+    i, n = shard
+    return [k for k in range(total) if k % n == i]
+
+
 def run_grid(experiment: Experiment, *, logdir: Path, verbose: int = 0,
-             allow_download: bool = True, out: TextIO | None = None) -> int:
-    """Train the grid into `logdir/<experiment>/`; 0 when every run finished, 1 if any failed."""
+             allow_download: bool = True, out: TextIO | None = None, executor: str = "local",
+             workers: int = 1, threads: int | None = None, shard: tuple[int, int] | None = None,
+             ray_address: str | None = None, cpus_per_run: float = 1.0, gpus_per_run: float = 0.0) -> int:
+    """Train the grid (or one shard of it) into `logdir/<experiment>/`.
+
+    0 when every run it took on finished (complete or diverged), 1 if any failed.
+    """
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown executor {executor!r}; valid executors: {', '.join(EXECUTORS)}")
     out = out or sys.stdout
     exp_dir = logdir / experiment.name
     check_writable(exp_dir)
@@ -82,10 +106,13 @@ def run_grid(experiment: Experiment, *, logdir: Path, verbose: int = 0,
           f"({d['train_examples']} train / {d['validation_examples']} validation, {d['validation']})",
           file=out, flush=True)
     names = [experiment.run_name(spec) for spec in experiment.runs]
+    selected = shard_runs(len(names), shard)
+    if shard:
+        print(f"shard {shard[0]}/{shard[1]}: {len(selected)} of the {len(names)} runs", file=out, flush=True)
     # Decided once up front: which runs are already finished (the ETA counts the rest).
-    finished = [is_reusable(exp_dir / n, run_config(experiment, s, data))
-                for s, n in zip(experiment.runs, names)]
-    check_space(exp_dir, estimate_bytes([s for s, f in zip(experiment.runs, finished) if not f],
+    finished = {i: is_reusable(exp_dir / names[i], run_config(experiment, experiment.runs[i], data))
+                for i in selected}
+    check_space(exp_dir, estimate_bytes([experiment.runs[i] for i in selected if not finished[i]],
                                         len(data.x_train)))
     write_json_atomic(exp_dir / EXPERIMENT_MANIFEST, {
         "experiment": experiment.to_dict(), "dataset": d, "runs": names,
@@ -93,65 +120,54 @@ def run_grid(experiment: Experiment, *, logdir: Path, verbose: int = 0,
         "source_text": Path(experiment.source).read_text(encoding="utf-8"),
     })
     write_hparams_config(exp_dir, experiment)
-    stale = sorted(p.name for p in exp_dir.iterdir() if p.is_dir() and p.name not in names)
+    stale = sorted(p.name for p in exp_dir.iterdir()
+                   if p.is_dir() and p.name not in names and not p.name.startswith("."))
     if stale:
         print(f"note: {len(stale)} run folder(s) not in this grid are left as they are: "
               f"{', '.join(stale[:5])}{' …' if len(stale) > 5 else ''}", file=out, flush=True)
 
-    total, counts, trained_seconds, trained = len(names), {}, 0.0, 0
+    counts: dict[str, int] = {}
 
     def count(status: str) -> None:
         counts[status] = counts.get(status, 0) + 1
 
-    for i, (spec, name) in enumerate(zip(experiment.runs, names), start=1):
-        run_dir = exp_dir / name
-        done = finished[i - 1]
-        if done:
+    total, tasks = len(names), []
+    for i in selected:
+        if finished[i]:
             count("skipped")
-            print(f"run {i}/{total} {name}: already {done['status']}, skipped", file=out, flush=True)
-            continue
-        lock = try_lock(exp_dir, name)
-        if not isinstance(lock, RunLock):
+            print(f"run {i + 1}/{total} {names[i]}: already {finished[i]['status']}, skipped", file=out, flush=True)
+        else:
+            tasks.append(Task(experiment, i, str(exp_dir), allow_download, verbose))
+    if executor == "ray":
+        results = run_ray(tasks, address=ray_address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run)
+    else:
+        results = run_local(tasks, workers=workers, threads=threads)
+    t0, done = time.perf_counter(), 0
+    for result in results:
+        label = f"run {result['index'] + 1}/{total} {result['name']}"
+        status = result["status"]
+        if status == "busy":
             count("busy elsewhere")
-            print(f"run {i}/{total} {name}: being trained by {describe_owner(lock)}, skipped",
-                  file=out, flush=True)
+            print(f"{label}: being trained by {result['owner']}, skipped", file=out, flush=True)
             continue
-        try:
-            # Another trainer may have finished it between the first look and the lock.
-            done = is_reusable(run_dir, run_config(experiment, spec, data))
-            if done:
-                count("skipped")
-                print(f"run {i}/{total} {name}: finished by another trainer, skipped", file=out, flush=True)
-                continue
-            if lock.stale_owner:
-                print(f"run {i}/{total} {name}: taking over from a dead trainer "
-                      f"({describe_owner(lock.stale_owner)})", file=out, flush=True)
-            print(f"run {i}/{total} {name}: start", file=out, flush=True)
-            t0 = time.perf_counter()
-            try:
-                manifest = train_run(experiment, spec, data, run_dir, verbose=verbose)
-            except OSError as exc:
-                if exc.errno not in _DISK_ERRNOS:
-                    raise
-                raise LogDirError(f"run {name} could not be written ({exc.strerror}); the grid stopped. "
-                                  f"That run is left unfinished and is retrained, not reported. "
-                                  f"Free space in {exp_dir} and run the same command again") from None
-        finally:
-            lock.release()
-        trained_seconds += time.perf_counter() - t0
-        trained += 1
-        status = manifest["status"]
+        if status == "skipped":
+            count("skipped")
+            print(f"{label}: finished by another trainer, skipped", file=out, flush=True)
+            continue
         count(status)
-        if manifest.get("disk_error"):
-            reason = next(e for e in DISK_ERRORS if e in manifest["error"])
-            raise LogDirError(f"run {name} could not write its logs ({reason}); "
+        done += 1
+        error = result.get("error") or ""
+        if result.get("disk_error") or any(e in error for e in DISK_ERRORS):
+            reason = next((e for e in DISK_ERRORS if e in error), error)
+            raise LogDirError(f"run {result['name']} could not write its logs ({reason}); "
                               f"the grid stopped. That run is marked failed and is retrained, not reported. "
                               f"Free space in {exp_dir} and run the same command again")
-        left = sum(1 for f in finished[i:] if not f)
-        eta = f", ETA {_duration(trained_seconds / trained * left)}" if left else ""
-        detail = manifest.get("error", "") if status == "failed" else _metrics(manifest["final"])
-        print(f"run {i}/{total} {name}: {status} in {manifest['wall_seconds']:.1f}s {detail}{eta}",
-              file=out, flush=True)
+        left = len(tasks) - done
+        eta = f", ETA {_duration((time.perf_counter() - t0) / done * left)}" if left else ""
+        detail = error if status == "failed" else _metrics(result.get("final") or {})
+        wall = result.get("wall_seconds")
+        took = f" in {wall:.1f}s" if isinstance(wall, (int, float)) else ""
+        print(f"{label}: {status}{took} {detail}{eta}", file=out, flush=True)
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     print(f"{experiment.name}: grid done ({summary}); logs in {exp_dir}", file=out, flush=True)
     return 1 if counts.get("failed") else 0

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import socket
 import time
 import traceback
 from datetime import datetime, timezone
@@ -60,6 +62,7 @@ def train_run(experiment: Experiment, spec: RunSpec, data: Dataset, run_dir: Pat
         "examples_seen": 0, "epochs_completed": 0, "final": {},
         "dataset": data.describe(), "steps_per_execution": experiment.steps_per_execution,
         "versions": library_versions(), "hardware": hardware(),
+        "worker": {"pid": os.getpid(), "host": socket.gethostname()},
     }
     write_json_atomic(run_dir / MANIFEST, manifest)
 

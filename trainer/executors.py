@@ -1,0 +1,167 @@
+"""Where runs execute: this process, N local worker processes, or tasks on a Ray cluster.
+
+Every executor runs the same task, `train_one`: take the run's lock, skip it if another
+trainer finished or holds it, train it, release the lock. So the log layout, the skip
+and restart rules and the report are the same whatever runs the grid, and any mix of
+executors and shards may share one log root. We do not schedule: a process pool or Ray
+hands out the tasks, and yields each result as its run finishes.
+"""
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+EXECUTORS = ("local", "ray")
+# Errors that mean the disk, not the run, is at fault.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+class ExecutorUnavailable(Exception):
+    """The chosen executor cannot run here; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One run to train; small and picklable, so it can cross to a worker or a Ray node."""
+    experiment: object  # trainer.spec.Experiment
+    index: int          # position in the experiment's grid
+    exp_dir: str
+    allow_download: bool = True
+    verbose: int = 0
+
+
+_data_cache: dict[tuple, object] = {}
+_threads_set = False
+
+
+def init_worker(threads: int | None) -> None:
+    """Set up a worker process once: pin TensorFlow's thread pools (before its first op),
+    and quiet the retracing warning that every new model triggers."""
+    global _threads_set
+    if _threads_set:
+        return
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    _threads_set = True
+
+
+def _dataset(experiment, allow_download: bool):
+    from trainer import data as datasets
+
+    key = (experiment.dataset, experiment.validation, experiment.limit, experiment.data_path)
+    if key not in _data_cache:  # each worker process loads the data once, not once per run
+        _data_cache[key] = datasets.load(experiment.dataset, validation=experiment.validation,
+                                         limit=experiment.limit, path=experiment.data_path,
+                                         allow_download=allow_download)
+    return _data_cache[key]
+
+
+def train_one(task: Task) -> dict:
+    """Train one run under its lock; a summary of what happened (`status` "busy" or
+    "skipped" when another trainer holds or finished it)."""
+    from trainer.lock import RunLock, describe_owner, try_lock
+    from trainer.run import is_reusable, run_config, train_run
+
+    experiment = task.experiment
+    spec = experiment.runs[task.index]
+    name = experiment.run_name(spec)
+    exp_dir = Path(task.exp_dir)
+    label = f"run {task.index + 1}/{len(experiment.runs)} {name}"
+    result = {"index": task.index, "name": name, "pid": os.getpid()}
+    if not (exp_dir / "experiment.json").is_file():
+        # On a cluster: the driver wrote it, so this node does not see the driver's log root.
+        raise FileNotFoundError(f"{exp_dir}/experiment.json is not visible from this worker: the log "
+                                "root must be a path every node shares (e.g. an NFS mount)")
+    data = _dataset(experiment, task.allow_download)
+    lock = try_lock(exp_dir, name)
+    if not isinstance(lock, RunLock):
+        return {**result, "status": "busy", "owner": describe_owner(lock)}
+    try:
+        done = is_reusable(exp_dir / name, run_config(experiment, spec, data))
+        if done:
+            return {**result, "status": "skipped", "finished_status": done["status"]}
+        if lock.stale_owner:
+            print(f"{label}: taking over from a dead trainer ({describe_owner(lock.stale_owner)})", flush=True)
+        print(f"{label}: start", flush=True)
+        try:
+            manifest = train_run(experiment, spec, data, exp_dir / name, verbose=task.verbose)
+        except OSError as exc:  # the manifest itself could not be written: the run stays "running"
+            if exc.errno not in DISK_ERRNOS:
+                raise
+            manifest = {"status": "failed", "error": f"OSError: {exc.strerror}", "disk_error": True}
+    finally:
+        lock.release()
+    return {**result, **{k: manifest.get(k) for k in ("status", "wall_seconds", "final", "error", "disk_error")}}
+
+
+def run_local(tasks: list[Task], *, workers: int, threads: int | None) -> Iterator[dict]:
+    """Tasks in this process (workers=1) or in a pool of `workers` processes."""
+    if workers <= 1:
+        for task in tasks:
+            yield train_one(task)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # spawn, not fork: the parent has TensorFlow loaded, and forking its threads is unsafe.
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=init_worker, initargs=(threads,))
+    try:
+        futures = {pool.submit(train_one, task): task for task in tasks}
+        for future in as_completed(futures):
+            try:
+                yield future.result()
+            except Exception as exc:  # noqa: BLE001 - e.g. a worker killed: BrokenProcessPool
+                yield _failed(futures[future], f"{type(exc).__name__}: {exc}")
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_ray(tasks: list[Task], *, address: str | None, cpus_per_run: float, gpus_per_run: float,
+            retries: int = 3) -> Iterator[dict]:
+    """Each run a Ray task with declared resources, retried (up to `retries`) if its worker dies."""
+    # Show every worker's "start" line, not one per pattern ("[repeated 6x across cluster]").
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    try:
+        import ray
+    except ImportError:
+        raise ExecutorUnavailable("the ray executor needs Ray: .venv/bin/pip install -e '.[ray]'") from None
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        # No address: a local Ray instance on this machine. "auto" or ray://…: a running cluster.
+        ray.init(address=address, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}})
+    threads = max(1, int(cpus_per_run))
+
+    def train(task: Task) -> dict:
+        init_worker(threads)
+        return train_one(task)
+
+    remote = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=retries)(train)
+    try:
+        pending = {remote.remote(task): task for task in tasks}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            task = pending.pop(ready[0])
+            try:
+                yield ray.get(ready[0])
+            except ray.exceptions.RayError as exc:
+                yield _failed(task, f"Ray task failed (retried up to {retries} times): "
+                                    f"{str(exc).strip().splitlines()[-1]}")
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _failed(task: Task, error: str) -> dict:
+    """The result of a task that never reported back (its run folder, if any, says running)."""
+    name = task.experiment.run_name(task.experiment.runs[task.index])
+    return {"index": task.index, "name": name, "status": "failed", "error": error}
