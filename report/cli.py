@@ -21,6 +21,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--summary", default="final", help="table values: final, best or last-K (default: final)")
     p.add_argument("--smoothing", type=float, default=0.0,
                    help="TensorBoard EMA weight in [0, 1) for per-step curves (default: 0, raw)")
+    p.add_argument("--cache", type=Path,
+                   help="parse cache folder (default: OUT/.cache); only changed event files are reparsed")
+    p.add_argument("--no-cache", action="store_true", help="parse every event file again, keep no cache")
     return p.parse_args(argv)
 
 
@@ -57,13 +60,13 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger("weasyprint").setLevel(logging.ERROR)
     logging.getLogger("fontTools").setLevel(logging.ERROR)
+    out = args.out or Path("reports") / args.logdir.name
     try:
-        logs = load_logs(args.logdir)
+        logs = load_logs(args.logdir, cache_dir=None if args.no_cache else (args.cache or out / ".cache"))
     except LogsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     template = args.template or logs.experiment.get("experiment", {}).get("template") or "lab"
-    out = args.out or Path("reports") / args.logdir.name
     context = build(logs, template=template, summary=args.summary, smoothing=args.smoothing)
     for table in context["tables"]:
         write_atomic(out / "tables" / f"table{table.number:02d}_{table.key}.csv",
@@ -81,5 +84,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: refused {len(refused)} outside resource(s) named in the report text", file=sys.stderr)
     print(f"report: {logs.logdir} → {', '.join(map(str, written))} "
           f"({context['runs_read']} runs, {context['points_read']} points, {context['n_figures']} figures, "
-          f"{len(context['tables'])} tables; {len(logs.problems)} data problem(s))")
+          f"{len(context['tables'])} tables; {len(logs.problems)} data problem(s); "
+          f"{logs.cache_hits} of {logs.cache_hits + logs.cache_misses} event files from the parse cache)")
     return 0

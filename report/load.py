@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from report.cache import ParseCache
 from trainer.manifest import FINISHED
 
 SPLITS = ("train", "validation")
@@ -34,20 +35,23 @@ class Logs:
     problems: list[str] = field(default_factory=list)
     points_read: int = 0
     digest: str = ""
+    cache_hits: int = 0     # event files read from the parse cache
+    cache_misses: int = 0   # event files parsed
 
 
-def load_logs(logdir: Path) -> Logs:
+def load_logs(logdir: Path, *, cache_dir: Path | None = None) -> Logs:
+    """Read a grid's logs; `cache_dir` keeps parsed event files between calls."""
     logdir = Path(logdir)
     if not logdir.is_dir():
         raise LogsError(f"no log folder {logdir} — run `make train EXPERIMENT={logdir.name}` first")
     experiment = _read_json(logdir / "experiment.json") or {}
     problems: list[str] = []
-    scalars = read_scalars(logdir, problems)
+    cache = ParseCache(cache_dir)
+    scalars, damaged = read_event_files(logdir, problems, cache)
     run_dirs = sorted(p for p in logdir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not run_dirs:
         raise LogsError(f"no run folders under {logdir} — run `make train EXPERIMENT={logdir.name}` first")
 
-    damaged = check_event_files(logdir, problems)
     rows, manifests = [], {}
     hparams: dict[str, dict] | None = None  # parsed only if some run lacks run.json
     runs_with_scalars = set(scalars["run"])
@@ -65,7 +69,7 @@ def load_logs(logdir: Path) -> Logs:
             continue
         status = (manifest or {}).get("status", "unknown")
         if run in damaged:
-            continue  # named by check_event_files
+            continue  # named by read_event_files
         if run not in runs_with_scalars:
             problems.append(f"{run}: no readable scalars in its event files, run excluded")
             continue
@@ -90,65 +94,72 @@ def load_logs(logdir: Path) -> Logs:
             problems.append(f"{run}: in the grid but missing from the logs")
     return Logs(logdir=logdir, experiment=experiment, runs=runs, scalars=usable,
                 manifests=manifests, problems=problems, points_read=len(scalars),
-                digest=digest(logdir))
+                digest=digest(logdir), cache_hits=cache.hits, cache_misses=cache.misses)
 
 
-def read_scalars(logdir: Path, problems: list[str]) -> pd.DataFrame:
-    """Every scalar point under `logdir` as (run, split, tag, step, value)."""
-    from tbparse import SummaryReader
+def read_event_files(logdir: Path, problems: list[str],
+                     cache: ParseCache | None = None) -> tuple[pd.DataFrame, set[str]]:
+    """Every scalar point under `logdir` as (run, split, tag, step, value), and the runs
+    with an event file that is empty, truncated or corrupt (each named in `problems`).
 
-    frames = []
-    for events_dir in sorted({p.parent for p in logdir.glob("*/*/events.out.tfevents.*")}):
-        split = events_dir.name
-        if split not in SPLITS:
-            continue
-        for path in sorted(events_dir.glob("events.out.tfevents.*")):
-            try:
-                # TF2 scalars are stored as tensors: tbparse's .tensors, not .scalars.
-                df = SummaryReader(str(path)).tensors
-            except Exception as exc:  # noqa: BLE001 - a damaged file is reported, not fatal
-                problems.append(f"{events_dir.parent.name}/{split}: unreadable event file {path.name} ({exc})")
-                continue
-            if df.empty:
-                continue
-            df = df[["step", "tag", "value"]].copy()
-            df["run"], df["split"] = events_dir.parent.name, split
-            frames.append(df)
-    if not frames:
-        return pd.DataFrame(columns=SCALAR_COLUMNS)
-    out = pd.concat(frames, ignore_index=True)[SCALAR_COLUMNS]
-    out["value"] = out["value"].astype(float)
-    out["step"] = out["step"].astype(int)
-    return out
-
-
-def check_event_files(logdir: Path, problems: list[str]) -> set[str]:
-    """Runs with an event file that is empty, truncated or corrupt, each named in `problems`.
-
-    tbparse (through TensorBoard's loader) stops quietly at a damaged record and returns
-    what came before it, which would put a half-logged run in the tables as if it were
-    whole; TensorFlow's record reader checks every record's length and CRC instead.
+    Each file is first checked record by record (length and CRC, TensorFlow's reader):
+    tbparse, through TensorBoard's loader, stops quietly at a damaged record and returns
+    what came before it, which would put a half-logged run in the tables as if whole.
+    Then it is read with tbparse in long format. Both results are cached per file.
     """
-    import tensorflow as tf
-
-    damaged: set[str] = set()
+    cache = cache or ParseCache(None)
+    frames, damaged = [], set()
     for path in sorted(logdir.glob("*/*/events.out.tfevents.*")):
         run, split = path.parent.parent.name, path.parent.name
         if run.startswith(".") or split not in SPLITS:
             continue
-        records, error = 0, None
-        try:
+        relpath = str(path.relative_to(logdir))
+        cached = cache.get(path, relpath)
+        if cached is None:
+            key = cache.key(path, relpath)
+            df, header = _parse(path)
+            cache.put(path, relpath, df, header, key)
+        else:
+            df, header = cached
+        if header["error"]:
+            problems.append(f"{run}: {split} event file {path.name} is damaged ({header['error']}; "
+                            f"{header['records']} good records before it), run excluded")
+            damaged.add(run)
+            continue
+        if not df.empty:
+            frames.append(df.assign(run=run, split=split))
+    cache.prune()
+    if not frames:
+        return pd.DataFrame(columns=SCALAR_COLUMNS), damaged
+    out = pd.concat(frames, ignore_index=True)[SCALAR_COLUMNS]
+    out["value"] = out["value"].astype(float)
+    out["step"] = out["step"].astype(int)
+    return out, damaged
+
+
+def _parse(path: Path) -> tuple[pd.DataFrame, dict]:
+    """One event file → (step, tag, value) frame and {"records", "error"}."""
+    import tensorflow as tf
+    from tbparse import SummaryReader
+    from tensorflow.python.util import deprecation
+
+    records, error = 0, None
+    try:
+        with deprecation.silence():  # tf_record_iterator: the one reader that reports damage
             for _ in tf.compat.v1.io.tf_record_iterator(str(path)):
                 records += 1
-        except Exception as exc:  # noqa: BLE001 - DataLossError and OS errors alike mean damage
-            error = str(exc).split(" failed with ")[0].splitlines()[0]
-        if error is None and records == 0:
-            error = "empty file"
-        if error:
-            problems.append(f"{run}: {split} event file {path.name} is damaged ({error}; "
-                            f"{records} good records before it), run excluded")
-            damaged.add(run)
-    return damaged
+    except Exception as exc:  # noqa: BLE001 - DataLossError and OS errors alike mean damage
+        error = str(exc).split(" failed with ")[0].splitlines()[0]
+    if error is None and records == 0:
+        error = "empty file"
+    empty = pd.DataFrame({"step": pd.Series(dtype=int), "tag": pd.Series(dtype=object),
+                          "value": pd.Series(dtype=float)})
+    if error:
+        return empty, {"records": records, "error": error}
+    # TF2 scalars are stored as tensors: tbparse's .tensors, not .scalars.
+    df = SummaryReader(str(path)).tensors
+    df = empty if df.empty else df[["step", "tag", "value"]].astype({"value": float})
+    return df, {"records": records, "error": None}
 
 
 def _disagreement(scalars: pd.DataFrame, manifest: dict, status: str) -> str | None:

@@ -181,11 +181,12 @@ def test_hostile_strings_are_inert(fixture_logs, tmp_path):
     assert "&lt;script&gt;" in html and "{{ 7*7 }}" in html and "&lt;i&gt;run&lt;i&gt;..%2e%2e" in html
     assert "\x00" not in html and "\x1b" not in html and "\x07" not in html and "nul\ufffdesc" in html
     assert "x" * 300 not in html  # the 100,000-character date is cut
-    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.pdf", "tables"]
+    assert sorted(p.name for p in out.iterdir()) == [".cache", "report.html", "report.pdf", "tables"]
     # Confined: the only new files are the report's own, none outside --out.
     after = sorted(p for p in tmp_path.rglob("*"))
     assert [p for p in after if p not in before and out not in p.parents and p != out] == []
     assert all(p.parent == out / "tables" for p in (out / "tables").rglob("*"))
+    assert all(p.parent == out / ".cache" and p.suffix == ".npz" for p in (out / ".cache").rglob("*"))
     assert "root:" not in pdf_text(out / "report.pdf")
 
 
@@ -213,3 +214,44 @@ def test_real_smoke_experiment_end_to_end(smoke, tmp_path):
     text = pdf_text(out / "report.pdf")
     assert f"{final:.4f}" in text
     assert "8 runs" in text
+
+
+def test_parse_cache_reuses_unchanged_files_and_reparses_changed_ones(fixture_logs, tmp_path):
+    import subprocess
+    import sys
+
+    logs, cache = tmp_path / "logs", tmp_path / "cache"
+    shutil.copytree(fixture_logs, logs)
+    cold = load_logs(logs, cache_dir=cache)
+    n_files = len(list(logs.glob("*/*/events.out.tfevents.*")))
+    assert (cold.cache_hits, cold.cache_misses) == (0, n_files)
+    warm = load_logs(logs, cache_dir=cache)
+    assert (warm.cache_hits, warm.cache_misses) == (n_files, 0)
+    pd.testing.assert_frame_equal(warm.scalars, cold.scalars)
+    assert warm.problems == cold.problems
+    # Warm, in a fresh process: neither tbparse nor TensorFlow is imported at all.
+    probe = ("import sys; from report.load import load_logs; "
+             f"l = load_logs({str(logs)!r}, cache_dir={str(cache)!r}); "
+             "print(l.cache_hits, 'tensorflow' in sys.modules, 'tbparse' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == [str(n_files), "False", "False"]
+    # Rewrite one run's validation file with other values: only that file is parsed again.
+    import tensorflow as tf
+
+    run = fx.run_name(64, True, 0)
+    (old,) = (logs / run / "validation").glob("events.out.tfevents.*")
+    old.unlink()
+    with tf.summary.create_file_writer(str(logs / run / "validation")).as_default():
+        for epoch in range(fx.EPOCHS):
+            tf.summary.scalar("epoch_loss", 9.0 + epoch, step=epoch)
+            tf.summary.scalar("epoch_accuracy", 0.5, step=epoch)
+    changed = load_logs(logs, cache_dir=cache)
+    assert (changed.cache_hits, changed.cache_misses) == (n_files - 1, 1)
+    s = changed.scalars
+    assert s[(s["run"] == run) & (s["split"] == "validation") & (s["tag"] == "epoch_loss")]["value"].max() == 11.0
+    assert len(list(cache.glob("*.npz"))) == n_files  # the replaced file's entry is pruned
+    # A damaged file's verdict is cached too, and still reported.
+    (victim,) = (logs / run / "train").glob("events.out.tfevents.*")
+    victim.write_bytes(victim.read_bytes()[:-5])
+    for _ in range(2):
+        assert any(p.startswith(run + ": train event file") for p in load_logs(logs, cache_dir=cache).problems)
