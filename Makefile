@@ -16,7 +16,7 @@ TRAIN_ARGS := --experiment $(EXPERIMENT) --logdir $(LOGDIR) \
 	$(if $(SHARD),--shard $(SHARD)) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv dataset train report test tensorboard clean
+.PHONY: help venv dataset train report test bench tensorboard clean
 
 ## help: list the targets
 help:
@@ -58,6 +58,12 @@ report: $(STAMP)
 ## test: run the test suite (no downloads; trains tiny real models)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+## bench: plain model.fit vs our trainer on EXPERIMENT's grid, then the report parse cache; QUICK=1 reduced
+bench: $(STAMP) dataset
+	$(BIN)/python -m bench.report_speed --logdir $(LOGDIR)/$(EXPERIMENT)
+	$(BIN)/python -m bench.grid_speed --experiment $(EXPERIMENT) $(if $(QUICK),--quick) \
+	  $(if $(WORKERS),--workers $(WORKERS)) $(if $(DATA),--data $(DATA))
 
 ## tensorboard: live view of LOGDIR, every point kept
 tensorboard: $(STAMP)

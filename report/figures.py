@@ -19,6 +19,9 @@ plt.rcParams.update({
 })
 
 
+RASTER_POINTS = 500
+
+
 @dataclass
 class Series:
     label: str
@@ -77,13 +80,17 @@ def panels_figure(panels: list[tuple[list[Series], str, str]], *, smoothing: flo
             for s in series:
                 y = smooth(s.mean, smoothing) if smoothing else s.mean
                 marker = "o" if len(s.x) <= 30 else None  # a one-epoch curve is a single point
+                # Thousands of per-step points as vector paths make the PDF slow to build and
+                # to open; such curves are drawn as a 200-dpi image inside the SVG (every
+                # point still drawn), while axes and text stay vector.
+                raster = len(s.x) > RASTER_POINTS
                 (line,) = ax.plot(s.x, y, label=s.label + (f" (n={s.n})" if s.n > 1 else ""), lw=1.2,
-                                  marker=marker, ms=3)
+                                  marker=marker, ms=3, rasterized=raster)
                 if smoothing:
-                    ax.plot(s.x, s.mean, color=line.get_color(), alpha=0.18, lw=0.8)
+                    ax.plot(s.x, s.mean, color=line.get_color(), alpha=0.18, lw=0.8, rasterized=raster)
                 if s.std is not None:
                     ax.fill_between(s.x, s.mean - s.std, s.mean + s.std, color=line.get_color(),
-                                    alpha=0.15, lw=0)
+                                    alpha=0.15, lw=0, rasterized=raster)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             if series:
@@ -92,7 +99,7 @@ def panels_figure(panels: list[tuple[list[Series], str, str]], *, smoothing: flo
             fig.suptitle(title)
         fig.tight_layout()
         buf = io.StringIO()
-        fig.savefig(buf, format="svg", metadata={"Date": None})
+        fig.savefig(buf, format="svg", metadata={"Date": None}, dpi=200)
         return buf.getvalue()
     finally:
         plt.close(fig)

@@ -1,0 +1,28 @@
+"""The benchmark scripts run and count what they say (their timings are printed, not asserted)."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_grid_flops_counts_every_dense_multiply_add():
+    from bench.grid_speed import grid_flops
+    from trainer.spec import load_experiment
+
+    exp = load_experiment("smoke")  # MLP 784 → 32 → 10, one epoch, 8 runs
+    forward = 2 * (784 * 32 + 32 * 10)
+    assert grid_flops(exp, 1000, 100) == 8 * forward * (3 * 1000 + 100)
+
+
+@pytest.mark.slow
+def test_report_benchmark_prints_each_time_and_the_ratio(fixture_logs):
+    result = subprocess.run([sys.executable, "-m", "bench.report_speed", "--logdir", str(fixture_logs)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert any(line.startswith("ours warm (cache):") for line in lines)
+    assert re.fullmatch(r"warm parse speedup: \d+\.\dx", lines[-1])
