@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 
+from trainer import interrupt
 from trainer.executors import EXECUTORS
 from trainer.spec import DATASETS, ExperimentError, list_presets, load_experiment
 
@@ -101,13 +101,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # A batch scheduler stops jobs with SIGTERM: treat it like Ctrl-C, so the current run
     # is marked interrupted (and its lock released) instead of left "running".
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = interrupt.install()
     try:
-        return run_grid(experiment, logdir=args.logdir, verbose=args.verbose,
+        code = run_grid(experiment, logdir=args.logdir, verbose=args.verbose,
                         allow_download=not args.no_download, executor=args.executor,
                         workers=args.workers, threads=max(1, (os.cpu_count() or 1) // args.workers),
                         shard=args.shard, ray_address=args.ray_address,
                         cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run)
+        interrupt.check()  # a signal that landed after the last run's training still counts
+        return code
     except (DatasetUnavailable, LogDirError, ExecutorUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -116,8 +118,5 @@ def main(argv: list[str] | None = None) -> int:
               "`make train`", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        interrupt.restore(previous)
 
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(signal.Signals(signum).name)

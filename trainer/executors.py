@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer import interrupt
+
 EXECUTORS = ("local", "ray")
 # Errors that mean the disk, not the run, is at fault.
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
@@ -80,6 +82,7 @@ def train_one(task: Task) -> dict:
         raise FileNotFoundError(f"{exp_dir}/experiment.json is not visible from this worker: the log "
                                 "root must be a path every node shares (e.g. an NFS mount)")
     data = _dataset(experiment, task.allow_download)
+    interrupt.check()
     lock = try_lock(exp_dir, name)
     if not isinstance(lock, RunLock):
         return {**result, "status": "busy", "owner": describe_owner(lock)}

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer import interrupt
 from trainer.data import Dataset
 from trainer.manifest import FINISHED, MANIFEST, hardware, library_versions, read_manifest, write_json_atomic
 from trainer.models import build_model, make_optimizer, summarize
@@ -92,6 +93,7 @@ def train_run(experiment: Experiment, spec: RunSpec, data: Dataset, run_dir: Pat
                 validation_data=(data.x_val, y_val), validation_batch_size=max(spec.batch_size, 1024),
                 shuffle=True, verbose=verbose, callbacks=[scalars],
             )
+        interrupt.check()  # a signal swallowed inside TensorFlow during the last batches
         status = "diverged" if scalars.diverged else "complete"
     except KeyboardInterrupt:
         _finish(manifest, model, scalars, data, spec, start, "interrupted", run_dir, writers)

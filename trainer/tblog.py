@@ -8,7 +8,7 @@ import keras
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 
-from trainer import faults
+from trainer import faults, interrupt
 from trainer.spec import RUN_FIELDS, Experiment, RunSpec
 
 # Metrics the HParams dashboard shows for each run: (group = run subfolder, tag).
@@ -100,6 +100,7 @@ class EpochScalars(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         faults.point("step")
+        interrupt.check()
         self._check(logs)
 
     def on_epoch_end(self, epoch, logs=None):
@@ -115,3 +116,4 @@ class EpochScalars(keras.callbacks.Callback):
         self.epochs_done = epoch + 1
         self.last = logs
         self._check(logs)
+        interrupt.check()
