@@ -15,7 +15,7 @@ from datetime import date
 import numpy as np
 
 from report import analysis
-from report.figures import curve, line_figure, panels_figure
+from report.figures import FigureCache, curve, line_figure, panels_figure
 from report.load import Logs
 from report.tables import Table, cell, cell_record, describe_summary, factors, run_values
 
@@ -88,8 +88,10 @@ def _fmt_factor(key: str, value) -> str:
 
 
 class Builder:
-    def __init__(self, logs: Logs, *, summary: str = "final", smoothing: float = 0.0):
+    def __init__(self, logs: Logs, *, summary: str = "final", smoothing: float = 0.0,
+                 figure_cache: FigureCache | None = None):
         self.logs = logs
+        self.figure_cache = figure_cache
         self.summary = summary
         self.summary_text = describe_summary(summary)
         self.values = run_values(logs, summary)
@@ -279,10 +281,12 @@ class Builder:
         smoothing = self.doc.smoothing
         series = self._bn_curves(where, "train", "step_loss")
         self.doc.figure(sec, f"{label} train loss", line_figure(
-            series, xlabel="step", ylabel="train loss (per step)", smoothing=smoothing), smoothed=True)
+            series, xlabel="step", ylabel="train loss (per step)", smoothing=smoothing, cache=self.figure_cache),
+            smoothed=True)
         self.doc.table(sec, self.bn_rows(where, "train", "epoch_loss", "Train Loss", f"train_loss_{tag_base}"))
         series = self._bn_curves(where, "validation", "epoch_loss", x_offset=1)
-        self.doc.figure(sec, f"{label} val loss", line_figure(series, xlabel="epoch", ylabel="validation loss"))
+        self.doc.figure(sec, f"{label} val loss", line_figure(series, xlabel="epoch", ylabel="validation loss",
+                                                                        cache=self.figure_cache))
         self.doc.table(sec, self.bn_rows(where, "validation", "epoch_loss", "Val loss", f"val_loss_{tag_base}"))
         bullets = []
         if len(self.bn_values) == 2:
@@ -321,7 +325,7 @@ class Builder:
                         series.append(s)
                 bn_note = " (without batch norm)" if len(self.bn_values) == 2 else ""
                 self.doc.figure(sec, f"Batch size comparison, {fig_label}{bn_note}",
-                                line_figure(series, xlabel="epoch", ylabel=fig_label))
+                                line_figure(series, xlabel="epoch", ylabel=fig_label, cache=self.figure_cache))
             rows, data = [], []
             cols = ["Batch size"] + [("Loss Value" if tag.endswith("loss") else "Accuracy") if bn is None
                                      else BN_LABEL[bn] for bn in self.bn_values]
@@ -388,7 +392,8 @@ class Builder:
         overlay = [s for s in (curve(self.logs.scalars, self.runs_where(w), "validation", "epoch_loss",
                                      label=f"batch {w.get('batch_size')}", x_offset=1) for w in keys) if s]
         self.doc.figure(sec, "Validation loss by batch size", line_figure(overlay, xlabel="epoch",
-                                                                           ylabel="validation loss"))
+                                                                           ylabel="validation loss",
+                                                                           cache=self.figure_cache))
         sec = self.doc.section("Short Analysis")
         bullets = []
         if len(rough_cells) > 1:
@@ -435,12 +440,15 @@ class Builder:
                                   for split in ("train", "validation")) if s]
             panels.append((series, "epoch", ylabel))
         self.doc.figure(sec, f"{title[:1].upper() + title[1:]}: loss (left) and accuracy (right), "
-                             "train vs validation", panels_figure(panels))
+                             "train vs validation", panels_figure(panels, cache=self.figure_cache))
 
 
-def build(logs: Logs, *, template: str, summary: str = "final", smoothing: float = 0.0) -> dict:
-    builder = Builder(logs, summary=summary, smoothing=smoothing)
+def build(logs: Logs, *, template: str, summary: str = "final", smoothing: float = 0.0,
+          figure_cache: FigureCache | None = None) -> dict:
+    builder = Builder(logs, summary=summary, smoothing=smoothing, figure_cache=figure_cache)
     doc = builder.lab() if template == "lab" else builder.task()
+    if figure_cache is not None:
+        figure_cache.prune()
     exp = logs.experiment.get("experiment", {})
     return {
         "title": _clip(exp.get("title") or logs.logdir.name), "author": _clip(exp.get("author", "")),

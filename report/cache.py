@@ -18,7 +18,7 @@ import pandas as pd
 
 from trainer.manifest import write_atomic
 
-VERSION = 1
+VERSION = 2
 
 
 class ParseCache:
@@ -48,7 +48,8 @@ class ParseCache:
                 header = json.loads(str(z["header"]))
                 if header.get("key") != self.key(path, relpath):
                     raise KeyError("stale")
-                frame = pd.DataFrame({"step": z["step"], "tag": z["tag"].astype(object), "value": z["value"]})
+                tags = pd.Categorical.from_codes(z["tag_codes"], categories=z["tag_names"])
+                frame = pd.DataFrame({"step": z["step"], "tag": tags, "value": z["value"]})
         except (OSError, KeyError, ValueError):
             self.misses += 1
             return None
@@ -59,9 +60,10 @@ class ParseCache:
         if self.folder is None:
             return
         buf = io.BytesIO()
+        codes, names = pd.factorize(frame["tag"])  # a few tag names, stored once each
         np.savez(buf, header=np.array(json.dumps({**header, "key": key})),
                  step=frame["step"].to_numpy(dtype=np.int64), value=frame["value"].to_numpy(dtype=np.float64),
-                 tag=frame["tag"].to_numpy(dtype=str))
+                 tag_codes=codes.astype(np.int32), tag_names=np.asarray(names, dtype=str))
         try:
             write_atomic(self._entry(relpath), buf.getvalue())
         except OSError:

@@ -60,14 +60,19 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger("weasyprint").setLevel(logging.ERROR)
     logging.getLogger("fontTools").setLevel(logging.ERROR)
+    from report.figures import FigureCache
+
     out = args.out or Path("reports") / args.logdir.name
+    cache_dir = None if args.no_cache else (args.cache or out / ".cache")
+    figure_cache = FigureCache(cache_dir / "figures" if cache_dir else None)
     try:
-        logs = load_logs(args.logdir, cache_dir=None if args.no_cache else (args.cache or out / ".cache"))
+        logs = load_logs(args.logdir, cache_dir=cache_dir)
     except LogsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     template = args.template or logs.experiment.get("experiment", {}).get("template") or "lab"
-    context = build(logs, template=template, summary=args.summary, smoothing=args.smoothing)
+    context = build(logs, template=template, summary=args.summary, smoothing=args.smoothing,
+                    figure_cache=figure_cache)
     for table in context["tables"]:
         write_atomic(out / "tables" / f"table{table.number:02d}_{table.key}.csv",
                      table.frame().to_csv(index=False))
@@ -85,5 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"report: {logs.logdir} → {', '.join(map(str, written))} "
           f"({context['runs_read']} runs, {context['points_read']} points, {context['n_figures']} figures, "
           f"{len(context['tables'])} tables; {len(logs.problems)} data problem(s); "
-          f"{logs.cache_hits} of {logs.cache_hits + logs.cache_misses} event files from the parse cache)")
+          f"{logs.cache_hits} of {logs.cache_hits + logs.cache_misses} event files from the parse cache, "
+          f"{figure_cache.hits} of {figure_cache.hits + figure_cache.misses} figures from the figure cache)")
     return 0

@@ -1,9 +1,12 @@
 """Curves as vector (SVG) figures: mean over seeds with a ±1 std band."""
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import matplotlib
 
@@ -65,15 +68,79 @@ def curve(scalars: pd.DataFrame, runs: list[str], split: str, tag: str, *, label
     return Series(label, x, mean, std, n=wide.shape[1])
 
 
+class FigureCache:
+    """Drawn figures kept between reports, keyed by everything that goes into the drawing.
+
+    Drawing is most of a report's build time; a second report on unchanged (or partly
+    changed) logs redraws only figures whose data changed. The key hashes every number
+    plotted, every label and option, matplotlib's version and this module's source, so a
+    change to any of them draws anew. Entries are plain SVG text, written atomically.
+    """
+
+    _code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+    def __init__(self, folder: Path | None):
+        self.folder = Path(folder) if folder else None
+        self.hits = self.misses = 0
+        self._used: set[Path] = set()
+
+    def key(self, panels, options: dict) -> str:
+        h = hashlib.sha256(json.dumps({"code": self._code, "matplotlib": matplotlib.__version__,
+                                       "options": options}, sort_keys=True, default=str).encode())
+        for series, xlabel, ylabel in panels:
+            h.update(json.dumps([xlabel, ylabel]).encode())
+            for s in series:
+                h.update(json.dumps([s.label, s.n, s.std is not None]).encode())
+                for array in (s.x, s.mean, s.std):
+                    if array is not None:
+                        h.update(np.ascontiguousarray(array, dtype=float).tobytes())
+        return h.hexdigest()[:32]
+
+    def get_or_draw(self, panels, options: dict, draw) -> str:
+        if self.folder is None:
+            self.misses += 1
+            return draw()
+        entry = self.folder / f"{self.key(panels, options)}.svg"
+        self._used.add(entry)
+        try:
+            svg = entry.read_text(encoding="utf-8")
+            self.hits += 1
+            return svg
+        except (OSError, UnicodeDecodeError):
+            pass
+        self.misses += 1
+        svg = draw()
+        from trainer.manifest import write_atomic
+
+        try:
+            write_atomic(entry, svg)
+        except OSError:
+            pass  # a cache that can't be written only costs time next run
+        return svg
+
+    def prune(self) -> None:
+        """Drop figures this report no longer uses."""
+        if self.folder is not None and self.folder.is_dir():
+            for entry in self.folder.glob("*.svg"):
+                if entry not in self._used:
+                    entry.unlink(missing_ok=True)
+
+
 def line_figure(series: list[Series], *, xlabel: str, ylabel: str, smoothing: float = 0.0,
-                title: str | None = None, size=(6.0, 2.8)) -> str:
+                title: str | None = None, size=(6.0, 2.8), cache: FigureCache | None = None) -> str:
     """An SVG document (text) of the curves."""
-    return panels_figure([(series, xlabel, ylabel)], smoothing=smoothing, title=title, size=size)
+    return panels_figure([(series, xlabel, ylabel)], smoothing=smoothing, title=title, size=size, cache=cache)
 
 
 def panels_figure(panels: list[tuple[list[Series], str, str]], *, smoothing: float = 0.0,
-                  title: str | None = None, size=(6.0, 2.8)) -> str:
+                  title: str | None = None, size=(6.0, 2.8), cache: FigureCache | None = None) -> str:
     """Side-by-side panels, each (series, xlabel, ylabel), as one SVG document."""
+    options = {"smoothing": smoothing, "title": title, "size": list(size)}
+    return (cache or FigureCache(None)).get_or_draw(
+        panels, options, lambda: _draw(panels, smoothing=smoothing, title=title, size=size))
+
+
+def _draw(panels, *, smoothing: float, title: str | None, size) -> str:
     fig, axes = plt.subplots(1, len(panels), figsize=size, squeeze=False)
     try:
         for ax, (series, xlabel, ylabel) in zip(axes[0], panels):

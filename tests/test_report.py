@@ -186,7 +186,9 @@ def test_hostile_strings_are_inert(fixture_logs, tmp_path):
     after = sorted(p for p in tmp_path.rglob("*"))
     assert [p for p in after if p not in before and out not in p.parents and p != out] == []
     assert all(p.parent == out / "tables" for p in (out / "tables").rglob("*"))
-    assert all(p.parent == out / ".cache" and p.suffix == ".npz" for p in (out / ".cache").rglob("*"))
+    cache = out / ".cache"
+    assert all((p.parent == cache and p.suffix == ".npz") or p == cache / "figures" or
+               (p.parent == cache / "figures" and p.suffix == ".svg") for p in cache.rglob("*"))
     assert "root:" not in pdf_text(out / "report.pdf")
 
 
@@ -216,6 +218,46 @@ def test_real_smoke_experiment_end_to_end(smoke, tmp_path):
     assert "8 runs" in text
 
 
+def rewrite_validation(run_dir: Path) -> None:
+    """Replace a run's validation event file with one holding other values (9, 10, 11, ...)."""
+    import tensorflow as tf
+
+    (old,) = (run_dir / "validation").glob("events.out.tfevents.*")
+    old.unlink()
+    with tf.summary.create_file_writer(str(run_dir / "validation")).as_default():
+        for epoch in range(fx.EPOCHS):
+            tf.summary.scalar("epoch_loss", 9.0 + epoch, step=epoch)
+            tf.summary.scalar("epoch_accuracy", 0.5, step=epoch)
+
+
+def figure_sources(context: dict) -> list[str]:
+    return [b["src"] for sec in context["sections"] for b in sec.blocks if b["kind"] == "figure"]
+
+
+def test_figure_cache_redraws_only_figures_whose_data_changed(fixture_logs, tmp_path):
+    from report.build import build
+    from report.figures import FigureCache
+
+    logs, folder = tmp_path / "logs", tmp_path / "figures"
+    shutil.copytree(fixture_logs, logs)
+    first_cache = FigureCache(folder)
+    first = build(load_logs(logs), template="lab", figure_cache=first_cache)
+    n = first["n_figures"]
+    assert n > 3 and (first_cache.hits, first_cache.misses) == (0, n)
+    warm_cache = FigureCache(folder)
+    warm = build(load_logs(logs), template="lab", figure_cache=warm_cache)
+    assert (warm_cache.hits, warm_cache.misses) == (n, 0)
+    # A cached figure is the very SVG a fresh drawing gives.
+    assert figure_sources(warm) == figure_sources(build(load_logs(logs), template="lab")) == figure_sources(first)
+    rewrite_validation(logs / fx.run_name(64, True, 0))
+    changed_cache = FigureCache(folder)
+    changed = build(load_logs(logs), template="lab", figure_cache=changed_cache)
+    assert 0 < changed_cache.misses < n and changed_cache.hits + changed_cache.misses == n
+    assert figure_sources(changed) == figure_sources(build(load_logs(logs), template="lab"))
+    assert figure_sources(changed) != figure_sources(first)
+    assert len(list(folder.glob("*.svg"))) == len(set(figure_sources(changed)))  # stale ones pruned
+
+
 def test_parse_cache_reuses_unchanged_files_and_reparses_changed_ones(fixture_logs, tmp_path):
     import subprocess
     import sys
@@ -236,15 +278,8 @@ def test_parse_cache_reuses_unchanged_files_and_reparses_changed_ones(fixture_lo
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.split() == [str(n_files), "False", "False"]
     # Rewrite one run's validation file with other values: only that file is parsed again.
-    import tensorflow as tf
-
     run = fx.run_name(64, True, 0)
-    (old,) = (logs / run / "validation").glob("events.out.tfevents.*")
-    old.unlink()
-    with tf.summary.create_file_writer(str(logs / run / "validation")).as_default():
-        for epoch in range(fx.EPOCHS):
-            tf.summary.scalar("epoch_loss", 9.0 + epoch, step=epoch)
-            tf.summary.scalar("epoch_accuracy", 0.5, step=epoch)
+    rewrite_validation(logs / run)
     changed = load_logs(logs, cache_dir=cache)
     assert (changed.cache_hits, changed.cache_misses) == (n_files - 1, 1)
     s = changed.scalars
