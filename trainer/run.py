@@ -18,6 +18,7 @@ from trainer import interrupt
 from trainer.data import Dataset
 from trainer.manifest import FINISHED, MANIFEST, hardware, library_versions, read_manifest, write_json_atomic
 from trainer.models import build_model, make_optimizer, summarize
+from trainer.noise_probe import GradientNoise
 from trainer.spec import Experiment, RunSpec
 from trainer.tblog import EpochScalars, write_run_hparams, write_run_status
 
@@ -30,6 +31,7 @@ def run_config(experiment: Experiment, spec: RunSpec, data: Dataset) -> dict:
         "spec": spec.to_dict(), "dataset": data.name, "validation": experiment.validation,
         "limit": experiment.limit, "train_examples": int(len(data.x_train)),
         "validation_examples": int(len(data.x_val)),
+        "gradient_noise": experiment.gradient_noise.to_dict(),
     }
 
 
@@ -72,6 +74,7 @@ def train_run(experiment: Experiment, spec: RunSpec, data: Dataset, run_dir: Pat
     keras.backend.clear_session()
     writers = {s: tf.summary.create_file_writer(str(run_dir / s)) for s in SPLITS}
     scalars = EpochScalars(writers["train"], writers["validation"])
+    noise = None
     model = None
     start = time.perf_counter()
     # Everything after the "running" manifest is inside the try, so an interrupt or an
@@ -87,22 +90,29 @@ def train_run(experiment: Experiment, spec: RunSpec, data: Dataset, run_dir: Pat
         if spec.loss == "categorical_crossentropy":
             classes = int(data.y_train.max()) + 1
             y_train, y_val = (keras.utils.to_categorical(y, classes) for y in (y_train, y_val))
+        callbacks = [scalars]
+        if experiment.gradient_noise.enabled:
+            # Before EpochScalars: its end-of-epoch flush then covers the gradient scalars too.
+            noise = GradientNoise(experiment.gradient_noise, x=data.x_train, y=y_train,
+                                  batch_size=spec.batch_size, loss=spec.loss, seed=spec.seed,
+                                  writer=writers["train"])
+            callbacks.insert(0, noise)
         with writers["train"].as_default():
             model.fit(
                 data.x_train, y_train, batch_size=spec.batch_size, epochs=spec.epochs,
                 validation_data=(data.x_val, y_val), validation_batch_size=max(spec.batch_size, 1024),
-                shuffle=True, verbose=verbose, callbacks=[scalars],
+                shuffle=True, verbose=verbose, callbacks=callbacks,
             )
         interrupt.check()  # a signal swallowed inside TensorFlow during the last batches
         status = "diverged" if scalars.diverged else "complete"
     except KeyboardInterrupt:
-        _finish(manifest, model, scalars, data, spec, start, "interrupted", run_dir, writers)
+        _finish(manifest, model, scalars, data, spec, start, "interrupted", run_dir, writers, noise)
         raise
     except Exception as exc:  # noqa: BLE001 - one failed run must not stop the grid
         manifest["error"] = _one_line(exc)
         manifest["traceback"] = traceback.format_exc()
         status = "failed"
-    return _finish(manifest, model, scalars, data, spec, start, status, run_dir, writers)
+    return _finish(manifest, model, scalars, data, spec, start, status, run_dir, writers, noise)
 
 
 # How a full disk, a quota, a file-size limit or a read-only mount show up, from Python
@@ -114,7 +124,7 @@ def _one_line(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(exc)).strip()
 
 
-def _finish(manifest, model, scalars, data, spec, start, status, run_dir, writers) -> dict:
+def _finish(manifest, model, scalars, data, spec, start, status, run_dir, writers, noise) -> dict:
     # A run whose event files could not be completely written is not finished, whatever
     # training did: marking it failed keeps a half-written log out of the report.
     log_errors = []
@@ -133,6 +143,8 @@ def _finish(manifest, model, scalars, data, spec, start, status, run_dir, writer
         "epochs_completed": scalars.epochs_done,
         "final": {k: (v if np.isfinite(v) else None) for k, v in scalars.last.items()},
     })
+    if noise is not None:
+        manifest["gradient_noise"] = noise.summary()
     if status == "diverged":
         manifest["diverged_at_step"] = scalars.diverged_at
     detail = {"diverged": f"non-finite loss by step {scalars.diverged_at}",

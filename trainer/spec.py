@@ -86,6 +86,23 @@ RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunSpec))
 
 
 @dataclass(frozen=True)
+class NoiseSettings:
+    """How the gradient noise scale is measured ([gradient_noise] in the experiment file)."""
+    enabled: bool = True
+    every: int = 200        # measure every K training steps, and at each epoch end
+    small_batch: int = 64   # B_small
+    batches: int = 8        # k disjoint small batches; B_big = k·B_small
+    beta: float = 0.9       # EMA weight over measurements
+
+    @property
+    def big_batch(self) -> int:
+        return self.batches * self.small_batch
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "big_batch": self.big_batch}
+
+
+@dataclass(frozen=True)
 class Experiment:
     name: str
     source: str
@@ -100,6 +117,7 @@ class Experiment:
     limit: int | None = None
     data_path: str | None = None
     steps_per_execution: int = 1
+    gradient_noise: NoiseSettings = NoiseSettings()
     grid_axes: tuple[str, ...] = ()
     runs: tuple[RunSpec, ...] = field(default=(), repr=False)
 
@@ -112,6 +130,7 @@ class Experiment:
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "runs"}
         d["grid_axes"] = list(self.grid_axes)
+        d["gradient_noise"] = self.gradient_noise.to_dict()
         return d
 
 
@@ -133,6 +152,7 @@ _TABLE_KEYS = {
     "run": set(RUN_FIELDS),
     "grid": set(RUN_FIELDS) | {"repeats"},
     "execution": {"steps_per_execution"},
+    "gradient_noise": {f.name for f in dataclasses.fields(NoiseSettings)},
 }
 
 
@@ -234,6 +254,8 @@ class _Checker:
         spe = self.positive_int("[execution] steps_per_execution",
                                 tables["execution"].get("steps_per_execution", 1))
 
+        noise = self.noise_settings(tables["gradient_noise"])
+
         base = self.run_fields("[run]", tables["run"], single=True)
         grid_doc = dict(tables["grid"])
         repeats = grid_doc.pop("repeats", None)
@@ -267,8 +289,25 @@ class _Checker:
             name=name, source=str(self.path), title=strings["title"] or name, author=strings["author"],
             id=strings["id"], date=date, template=template, objective=strings["objective"],
             dataset=dataset, validation=validation, limit=limit, data_path=data_path or None,
-            steps_per_execution=spe, grid_axes=tuple(names), runs=tuple(dict.fromkeys(runs)),
+            steps_per_execution=spe, gradient_noise=noise, grid_axes=tuple(names),
+            runs=tuple(dict.fromkeys(runs)),
         )
+
+    def noise_settings(self, table: dict) -> NoiseSettings:
+        default = NoiseSettings()
+        enabled = table.get("enabled", default.enabled)
+        if not isinstance(enabled, bool):
+            self.fail("[gradient_noise] enabled", f"must be true or false, got {enabled!r}")
+        ints = {k: self.positive_int(f"[gradient_noise] {k}", table.get(k, getattr(default, k)))
+                for k in ("every", "small_batch", "batches")}
+        if ints["batches"] is not _BAD and ints["batches"] < 2:
+            self.fail("[gradient_noise] batches", "needs at least 2 small batches to compare two batch sizes")
+        beta = table.get("beta", default.beta)
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
+            self.fail("[gradient_noise] beta", f"must be a number in [0, 1), e.g. 0.9; got {beta!r}")
+        if self.problems:
+            return default
+        return NoiseSettings(enabled=enabled, beta=float(beta), **ints)
 
     # -- field checks ----------------------------------------------------------------
 

@@ -1,0 +1,170 @@
+"""The gradient noise scale: the estimator on known distributions, the probe on a real
+model with frozen weights, and the scalars a real training run logs."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from trainer.noise import EPOCH_TAGS, PREFIX, STEP_TAGS, NoiseScaleEMA, roughness, two_batch_estimate
+
+
+def test_two_batch_estimator_recovers_known_gradient_and_covariance():
+    """Per-example gradients g ~ N(G, Σ) with |G|² = 4 and tr Σ = 200 (so B_simple = 50)."""
+    rng = np.random.default_rng(0)
+    d, b_small, k = 40, 16, 8
+    b_big = k * b_small
+    G = rng.normal(size=d)
+    G *= 2.0 / np.linalg.norm(G)
+    scales = rng.uniform(0.5, 1.5, size=d)
+    scales *= math.sqrt(200.0 / np.sum(scales ** 2))  # Σ = diag(scales²), tr Σ = 200
+    ema, singles = NoiseScaleEMA(beta=0.99), []
+    for _ in range(3000):
+        per_example = G + rng.normal(size=(b_big, d)) * scales
+        small = per_example.reshape(k, b_small, d).mean(axis=1)
+        g_small_sq = float(np.mean(np.sum(small ** 2, axis=1)))
+        g_big_sq = float(np.sum(small.mean(axis=0) ** 2))
+        g2, trace = two_batch_estimate(g_small_sq, g_big_sq, b_small, b_big)
+        ema.update(g2, trace)
+        singles.append((g2, trace))
+    g2_mean, trace_mean = np.mean(singles, axis=0)
+    # Unbiased: the mean of 3000 single estimates is within 5%; the EMA (β = 0.99, about
+    # 100 measurements' memory) within 15%, as is the noise scale it gives.
+    assert g2_mean == pytest.approx(4.0, rel=0.05) and trace_mean == pytest.approx(200.0, rel=0.05)
+    assert ema.g2 == pytest.approx(4.0, rel=0.15) and ema.trace == pytest.approx(200.0, rel=0.15)
+    assert ema.b_simple == pytest.approx(50.0, rel=0.15)
+
+
+def test_ema_is_bias_corrected_and_undefined_until_g2_is_positive():
+    ema = NoiseScaleEMA(beta=0.9)
+    assert ema.b_simple is None and math.isnan(ema.g2)
+    ema.update(-1.0, 10.0)
+    assert ema.g2 == pytest.approx(-1.0) and ema.b_simple is None  # no scale from a negative |G|²
+    ema.update(3.0, 10.0)
+    # (0.9·0.1·(−1) + 0.1·3) / (1 − 0.81): bias-corrected, not pulled towards 0
+    assert ema.g2 == pytest.approx((0.09 * -1 + 0.1 * 3) / 0.19)
+    assert ema.b_simple == pytest.approx(10.0 / ema.g2)
+    with pytest.raises(ValueError, match="beta"):
+        NoiseScaleEMA(beta=1.0)
+    with pytest.raises(ValueError):
+        two_batch_estimate(1.0, 1.0, 64, 64)
+
+
+def test_roughness_is_the_std_of_step_differences():
+    assert roughness([1.0, 2.0, 1.0, 2.0]) == pytest.approx(np.std([1, -1, 1], ddof=1))
+    assert math.isnan(roughness([1.0, 2.0]))
+
+
+@pytest.fixture(scope="module")
+def frozen_model():
+    """A small MLP trained a little on the synthetic data, then held fixed."""
+    import keras
+
+    from tests.conftest import synthetic_arrays
+    from trainer.models import build_model
+    from trainer.noise_probe import GradientProbe
+    from trainer.spec import RunSpec
+
+    data = synthetic_arrays(n_train=1200, n_test=10, seed=3)
+    x = (data["x_train"].astype("float32") / 255.0).reshape(-1, 784)[:, ::4]  # 196 inputs
+    y = data["y_train"].astype("int64")
+    spec = RunSpec(hidden=(16,), activation="tanh", batch_size=32, seed=1)
+    keras.utils.set_random_seed(1)
+    model = build_model(spec, input_shape=(196,), classes=10)
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss=spec.loss)
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=True)
+    return model, GradientProbe(model, spec.loss), x, y
+
+
+def test_probe_agrees_with_regression_on_one_over_b_and_with_per_example_gradients(frozen_model):
+    model, probe, x, y = frozen_model
+    before = [w.numpy().copy() for w in model.weights]
+    rng = np.random.default_rng(7)
+    n = len(x)
+    # 1. Per-example gradients of the whole training set: the exact |G|² and tr Σ.
+    per_example = np.stack([probe.gradient(x[i:i + 1], y[i:i + 1]) for i in range(n)])
+    full = per_example.mean(axis=0)
+    exact_g2 = float(full @ full)
+    exact_trace = float(np.mean(np.sum((per_example - full) ** 2, axis=1)))
+    # 2. Mean |G_B|² over many batches (drawn without replacement) is linear in 1/B.
+    sizes = np.array([4, 8, 16, 32, 64])
+    mean_sq = []
+    for b in sizes:
+        sq = [np.sum(probe.gradient(x[idx], y[idx]) ** 2)
+              for idx in (rng.choice(n, size=b, replace=False) for _ in range(150))]
+        mean_sq.append(np.mean(sq))
+    # Sampling without replacement from n examples: E|G_B|² = |G|² + tr Σ·(n−B)/((n−1)B),
+    # linear in 1/B with slope tr Σ·n/(n−1) and intercept |G|² − tr Σ/(n−1).
+    slope, intercept = np.polyfit(1.0 / sizes, mean_sq, 1)
+    fitted = slope / sizes + intercept
+    r2 = 1 - np.sum((mean_sq - fitted) ** 2) / np.sum((mean_sq - np.mean(mean_sq)) ** 2)
+    reg_trace = slope * (n - 1) / n
+    reg_g2 = intercept + reg_trace / (n - 1)
+    # 3. The two-batch estimate, averaged over measurements (k = 8 batches of 8).
+    singles = []
+    for _ in range(100):
+        idx = rng.choice(n, size=64, replace=False)
+        one = rng.choice(n, size=32, replace=False)
+        small_sq, big_sq, cosine = probe.measure(x[idx].reshape(8, 8, -1), y[idx].reshape(8, 8),
+                                                 x[one], y[one])
+        assert -1.0 <= cosine <= 1.0
+        singles.append(two_batch_estimate(small_sq, big_sq, 8, 64))
+    two_g2, two_trace = np.mean(singles, axis=0)
+    print(f"R² of mean |G_B|² on 1/B: {r2:.4f}; |G|²: per-example {exact_g2:.4g}, regression "
+          f"{reg_g2:.4g}, two-batch {two_g2:.4g}; tr Σ: {exact_trace:.4g}, {reg_trace:.4g}, {two_trace:.4g}")
+    assert r2 > 0.95
+    for estimate in (reg_g2, two_g2):
+        assert estimate == pytest.approx(exact_g2, rel=0.30)
+    for estimate in (reg_trace, two_trace):
+        assert estimate == pytest.approx(exact_trace, rel=0.30)
+    assert two_trace / two_g2 == pytest.approx(exact_trace / exact_g2, rel=0.30)
+    # Held fixed: measuring changed no weight (batch-norm statistics included).
+    assert all(np.array_equal(b, w.numpy()) for b, w in zip(before, model.weights))
+
+
+def test_probe_leaves_batch_norm_statistics_alone():
+    import keras
+
+    from trainer.models import build_model
+    from trainer.noise_probe import GradientProbe
+    from trainer.spec import RunSpec
+
+    spec = RunSpec(hidden=(8,), batch_norm=True, seed=0)
+    model = build_model(spec, input_shape=(12,), classes=3)
+    before = [w.numpy().copy() for w in model.weights]
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(3.0, 2.0, size=(64, 12)).astype("float32"), rng.integers(0, 3, 64)
+    GradientProbe(model, spec.loss).measure(x.reshape(4, 16, 12), y.reshape(4, 16), x[:8], y[:8])
+    assert any("moving" in w.path for w in model.weights)
+    assert all(np.array_equal(b, w.numpy()) for b, w in zip(before, model.weights))
+    # The same batch through a training-mode call does move them: the check can fail.
+    model(x, training=True)
+    assert not all(np.array_equal(b, w.numpy()) for b, w in zip(before, model.weights))
+    del keras
+
+
+@pytest.mark.slow
+def test_smoke_runs_log_finite_gradient_noise_scalars(smoke):
+    from tbparse import SummaryReader
+
+    code, exp_dir, exp = smoke
+    assert code == 0
+    for spec in exp.runs:
+        run_dir = exp_dir / exp.run_name(spec)
+        manifest = json.loads((run_dir / "run.json").read_text())
+        settings = manifest["gradient_noise"]
+        assert settings["every"] == exp.gradient_noise.every and settings["measurements"] >= spec.epochs
+        df = SummaryReader(str(run_dir / "train")).tensors
+        grad = df[df["tag"].str.startswith(PREFIX)]
+        assert np.isfinite(grad["value"]).all()
+        tags = set(grad["tag"].str.removeprefix(PREFIX))
+        assert set(STEP_TAGS) - {"b_simple"} <= tags and set(EPOCH_TAGS) - {"epoch_b_simple"} <= tags
+        for tag in EPOCH_TAGS[1:]:
+            assert sorted(grad.loc[grad["tag"] == PREFIX + tag, "step"]) == list(range(spec.epochs))
+        # The in-graph roughness is the std of the logged step losses' differences, epoch by epoch.
+        steps_per_epoch = manifest["steps"] // manifest["epochs_completed"]
+        losses = df[df["tag"] == "step_loss"].sort_values("step")["value"].to_numpy()
+        logged = grad[grad["tag"] == PREFIX + "loss_roughness"].sort_values("step")["value"].to_numpy()
+        expected = [roughness(losses[e * steps_per_epoch:(e + 1) * steps_per_epoch])
+                    for e in range(spec.epochs)]
+        np.testing.assert_allclose(logged, expected, rtol=1e-4)

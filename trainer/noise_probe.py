@@ -1,0 +1,174 @@
+"""The gradient noise scale measured during training: a probe that takes mini-batch
+gradients at fixed weights, in-graph sums for the loss curve's roughness, and the Keras
+callback that logs `gradient/*` scalars (estimator and EMA: `trainer.noise`)."""
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainer.noise import EPOCH_TAGS, PREFIX, STEP_TAGS, NoiseScaleEMA, two_batch_estimate
+
+
+class GradientProbe:
+    """Mini-batch gradients at the model's current weights, changing no model state.
+
+    `stateless_call` runs the forward pass with the weights given as tensors, so batch
+    normalization uses batch statistics exactly as in a training step but its moving
+    averages are not updated, and nothing is applied to the weights.
+    """
+
+    def __init__(self, model, loss: str):
+        self.model = model
+        size = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+        loss_fn = keras.losses.get(loss)  # per-example losses; the batch loss is their mean
+
+        def flat_gradient(trainable, non_trainable, x, y):
+            with tf.GradientTape() as tape:
+                tape.watch(trainable)
+                y_pred, _ = model.stateless_call(trainable, non_trainable, x, training=True)
+                loss_value = tf.reduce_mean(loss_fn(y, y_pred))
+            grads = tape.gradient(loss_value, trainable)
+            return tf.concat([tf.reshape(tf.cast(g, tf.float64), [-1]) for g in grads], axis=0)
+
+        def weights():
+            return ([tf.identity(v.value) for v in model.trainable_variables],
+                    [tf.identity(v.value) for v in model.non_trainable_variables])
+
+        @tf.function(reduce_retracing=True)
+        def gradient(x, y):
+            return flat_gradient(*weights(), x, y)
+
+        @tf.function(reduce_retracing=True)
+        def measure(xs, ys, x_one, y_one):
+            trainable, non_trainable = weights()
+            k = tf.shape(xs)[0]
+            total = tf.zeros([size], tf.float64)
+            squares = tf.constant(0.0, tf.float64)
+            for i in tf.range(k):
+                g = flat_gradient(trainable, non_trainable, xs[i], ys[i])
+                total += g
+                squares += tf.reduce_sum(g * g)
+            big = total / tf.cast(k, tf.float64)
+            one = flat_gradient(trainable, non_trainable, x_one, y_one)
+            cosine = tf.reduce_sum(one * big) / (tf.norm(one) * tf.norm(big))
+            return squares / tf.cast(k, tf.float64), tf.reduce_sum(big * big), cosine
+
+        self._gradient, self._measure = gradient, measure
+
+    def gradient(self, x, y) -> np.ndarray:
+        """The flat gradient (float64) of the mean loss over the batch (x, y)."""
+        return self._gradient(x, y).numpy()
+
+    def measure(self, xs, ys, x_one, y_one) -> tuple[float, float, float]:
+        """From k stacked small batches (xs: k×B_small×…) and one batch of the run's size:
+        (|G_small|² averaged over the k, |G_big|² of their mean, cosine(one, big))."""
+        small_sq, big_sq, cosine = self._measure(xs, ys, x_one, y_one)
+        return float(small_sq), float(big_sq), float(cosine)
+
+
+class LossDiffs:
+    """In-graph sums of step-to-step loss differences within an epoch, for `roughness`.
+
+    The step loss exists only inside the compiled training step (several steps run per
+    call), so the sums are kept in variables there and read once per epoch. Plain
+    attributes of a plain object: Keras does not count them as model weights.
+    """
+
+    def __init__(self):
+        def var():
+            return tf.Variable(0.0, dtype=tf.float64, trainable=False)
+
+        self.prev, self.seen, self.n, self.s1, self.s2 = var(), var(), var(), var(), var()
+
+    def update(self, loss) -> None:
+        loss = tf.cast(loss, tf.float64)
+        valid = tf.cast(self.seen > 0, tf.float64)
+        d = (loss - self.prev) * valid
+        self.n.assign_add(valid)
+        self.s1.assign_add(d)
+        self.s2.assign_add(d * d)
+        self.prev.assign(loss)
+        self.seen.assign_add(1.0)
+
+    def read_and_reset(self) -> float:
+        """Sample std (ddof 1) of this epoch's differences, NaN under two; then start anew."""
+        n, s1, s2 = float(self.n.numpy()), float(self.s1.numpy()), float(self.s2.numpy())
+        for v in (self.prev, self.seen, self.n, self.s1, self.s2):
+            v.assign(0.0)
+        if n < 2:
+            return math.nan
+        return math.sqrt(max(s2 - s1 * s1 / n, 0.0) / (n - 1))
+
+
+class GradientNoise(keras.callbacks.Callback):
+    """Measures the noise scale every `settings.every` steps and at each epoch end, and
+    writes `gradient/*` scalars to the train writer.
+
+    With several steps per execution Keras calls back once per execution, so a
+    measurement lands on the first callback at or after each multiple of K; the logged
+    step is the exact global step the weights were at. Small batches are drawn with
+    their own random stream (seeded by the run's seed), leaving training's shuffles alone.
+    """
+
+    def __init__(self, settings, *, x, y, batch_size: int, loss: str, seed: int, writer):
+        super().__init__()
+        if settings.big_batch > len(x):
+            raise ValueError(f"[gradient_noise] needs batches × small_batch = {settings.big_batch} "
+                             f"training examples, the data has {len(x)}")
+        self.settings, self.x, self.y, self.batch_size = settings, x, y, batch_size
+        self.loss, self.writer = loss, writer
+        self.rng = np.random.default_rng([seed, 0x6E6F697365])
+        self.ema = NoiseScaleEMA(settings.beta)
+        self.probe = None
+        self.measurements = 0
+        self.next_due = settings.every
+        self.last: dict | None = None  # the latest measurement, with its step
+
+    def on_train_begin(self, logs=None):
+        self.probe = GradientProbe(self.model, self.loss)
+        self.model.loss_diffs = LossDiffs()
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        if step >= self.next_due:
+            self._measure(step)
+            self.next_due = (step // self.settings.every + 1) * self.settings.every
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        m = self.last if self.last is not None and self.last["step"] == step else self._measure(step)
+        values = {"epoch_noise_at_batch": m["noise_at_batch"], "epoch_cosine": m["cosine"],
+                  "loss_roughness": self.model.loss_diffs.read_and_reset()}
+        if m.get("b_simple") is not None:
+            values["epoch_b_simple"] = m["b_simple"]
+        self._write(values, epoch)
+
+    def _measure(self, step: int) -> dict:
+        s = self.settings
+        idx = self.rng.choice(len(self.x), size=s.big_batch, replace=False)  # k disjoint batches
+        one = self.rng.choice(len(self.x), size=min(self.batch_size, len(self.x)), replace=False)
+        xs = self.x[idx].reshape((s.batches, s.small_batch) + self.x.shape[1:])
+        ys = self.y[idx].reshape((s.batches, s.small_batch) + self.y.shape[1:])
+        small_sq, big_sq, cosine = self.probe.measure(xs, ys, self.x[one], self.y[one])
+        g2, trace = two_batch_estimate(small_sq, big_sq, s.small_batch, s.big_batch)
+        self.ema.update(g2, trace)
+        self.measurements += 1
+        m = {"step": step, "G2": g2, "trace_sigma": trace, "b_simple": self.ema.b_simple,
+             "noise_at_batch": self.ema.trace / self.batch_size, "cosine": cosine}
+        self._write({k: v for k, v in m.items() if k in STEP_TAGS and v is not None}, step)
+        self.last = m
+        return m
+
+    def _write(self, values: dict, step: int) -> None:
+        with self.writer.as_default():
+            for tag, value in values.items():
+                if value is not None and math.isfinite(value):
+                    tf.summary.scalar(PREFIX + tag, value, step=step)
+
+    def summary(self) -> dict:
+        """For run.json: the settings and how many measurements were taken."""
+        return {**self.settings.to_dict(), "measurements": self.measurements,
+                "tags": [PREFIX + t for t in STEP_TAGS + EPOCH_TAGS]}
