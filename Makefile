@@ -53,7 +53,8 @@ train: $(STAMP) dataset
 report: $(STAMP)
 	$(BIN)/python -m report --logdir $(LOGDIR)/$(EXPERIMENT) --out $(REPORTS)/$(EXPERIMENT) \
 	  $(if $(FORMAT),--format $(FORMAT)) $(if $(TEMPLATE),--template $(TEMPLATE)) \
-	  $(if $(SUMMARY),--summary $(SUMMARY)) $(if $(SMOOTHING),--smoothing $(SMOOTHING))
+	  $(if $(SUMMARY),--summary $(SUMMARY)) $(if $(SMOOTHING),--smoothing $(SMOOTHING)) \
+	  $(if $(TARGET_LOSS),--target-loss $(TARGET_LOSS))
 
 ## test: run the test suite (no downloads; trains tiny real models)
 test: $(STAMP)

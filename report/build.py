@@ -14,7 +14,7 @@ from datetime import date
 
 import numpy as np
 
-from report import analysis
+from report import analysis, gradient
 from report.figures import FigureCache, curve, line_figure, panels_figure
 from report.load import Logs
 from report.tables import Table, cell, cell_record, describe_summary, factors, run_values
@@ -89,8 +89,9 @@ def _fmt_factor(key: str, value) -> str:
 
 class Builder:
     def __init__(self, logs: Logs, *, summary: str = "final", smoothing: float = 0.0,
-                 figure_cache: FigureCache | None = None):
+                 figure_cache: FigureCache | None = None, target_loss: float | None = None):
         self.logs = logs
+        self.target_loss = target_loss
         self.figure_cache = figure_cache
         self.summary = summary
         self.summary_text = describe_summary(summary)
@@ -258,6 +259,7 @@ class Builder:
                 self.lab_batch_size(key, bs)
             if len(self.batch_sizes) > 1:
                 self.lab_comparison(key)
+        gradient.add_section(self, self.target_loss)
         self.data_problems()
         self.provenance()
         return self.doc
@@ -414,6 +416,7 @@ class Builder:
                                f"{best[0]} ({best[1].mean:.4f}).{caveat}")
         else:
             self.doc.text(sec, "No run finished, so there is nothing to conclude.")
+        gradient.add_section(self, self.target_loss)
         self.data_problems()
         self.provenance()
         return self.doc
@@ -444,8 +447,9 @@ class Builder:
 
 
 def build(logs: Logs, *, template: str, summary: str = "final", smoothing: float = 0.0,
-          figure_cache: FigureCache | None = None) -> dict:
-    builder = Builder(logs, summary=summary, smoothing=smoothing, figure_cache=figure_cache)
+          figure_cache: FigureCache | None = None, target_loss: float | None = None) -> dict:
+    builder = Builder(logs, summary=summary, smoothing=smoothing, figure_cache=figure_cache,
+                      target_loss=target_loss)
     doc = builder.lab() if template == "lab" else builder.task()
     if figure_cache is not None:
         figure_cache.prune()

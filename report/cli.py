@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -21,6 +22,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--summary", default="final", help="table values: final, best or last-K (default: final)")
     p.add_argument("--smoothing", type=float, default=0.0,
                    help="TensorBoard EMA weight in [0, 1) for per-step curves (default: 0, raw)")
+    p.add_argument("--target-loss", type=float,
+                   help="training loss for the steps-to-target table (default: the highest final "
+                        "training loss among the runs)")
     p.add_argument("--cache", type=Path,
                    help="parse cache folder (default: OUT/.cache); only changed event files are reparsed")
     p.add_argument("--no-cache", action="store_true", help="parse every event file again, keep no cache")
@@ -43,6 +47,8 @@ def _check(args) -> list[str]:
         errors.append(str(exc))
     if not 0 <= args.smoothing < 1:
         errors.append(f"--smoothing {args.smoothing} is not valid; give a weight in [0, 1), e.g. 0.6")
+    if args.target_loss is not None and not (math.isfinite(args.target_loss) and args.target_loss > 0):
+        errors.append(f"--target-loss {args.target_loss} is not valid; give a positive training loss, e.g. 0.5")
     args.formats = formats
     return errors
 
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     template = args.template or logs.experiment.get("experiment", {}).get("template") or "lab"
     context = build(logs, template=template, summary=args.summary, smoothing=args.smoothing,
-                    figure_cache=figure_cache)
+                    figure_cache=figure_cache, target_loss=args.target_loss)
     for table in context["tables"]:
         write_atomic(out / "tables" / f"table{table.number:02d}_{table.key}.csv",
                      table.frame().to_csv(index=False))

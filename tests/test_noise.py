@@ -168,3 +168,89 @@ def test_smoke_runs_log_finite_gradient_noise_scalars(smoke):
         expected = [roughness(losses[e * steps_per_epoch:(e + 1) * steps_per_epoch])
                     for e in range(spec.epochs)]
         np.testing.assert_allclose(logged, expected, rtol=1e-4)
+
+
+# --- the report's "Gradient noise" section ------------------------------------------------
+
+def test_placement_sentences_follow_the_measured_scale():
+    from report.gradient import placement_sentence
+
+    assert "below the noise scale" in placement_sentence("r", 32, 400.0, 10)
+    assert "12.5× the batch" in placement_sentence("r", 32, 400.0, 10)
+    assert "diminishing returns" in placement_sentence("r", 1024, 100.0, 10)
+    assert "within a factor of 2" in placement_sentence("r", 128, 100.0, 10)
+    assert "cannot be placed" in placement_sentence("r", 128, None, 4)
+
+
+def test_windowed_loss_and_steps_to_target():
+    import pandas as pd
+
+    from report.gradient import default_target, steps_to_target, windowed_loss
+
+    losses = np.array([4.0, 3.0, 2.0, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(windowed_loss(np.arange(1, 7), losses, batch_size=1024),  # window 2
+                               [4.0, 3.5, 2.5, 1.5, 1.0, 1.0])
+    scalars = pd.DataFrame({"run": "a", "split": "train", "tag": "step_loss", "step": np.arange(1, 7),
+                            "value": losses})
+    assert steps_to_target(scalars, "a", 1024, 1.5) == 4
+    assert steps_to_target(scalars, "a", 1024, 0.5) is None
+    assert default_target(scalars, {"a": 1024}) == 1.0
+
+
+def test_report_without_measurements_says_so(fixture_logs, tmp_path):
+    from report.cli import main
+
+    out = tmp_path / "out"
+    assert main(["--logdir", str(fixture_logs), "--out", str(out), "--format", "html"]) == 0
+    html = (out / "report.html").read_text()
+    assert "Gradient noise" in html and "without measuring the gradient noise scale" in html
+
+
+@pytest.mark.slow
+def test_report_gradient_section_holds_the_logged_numbers(smoke, tmp_path):
+    import pandas as pd
+
+    from report.cli import main
+    from report.gradient import steps_to_target
+    from report.load import load_logs
+
+    code, exp_dir, exp = smoke
+    out = tmp_path / "out"
+    assert main(["--logdir", str(exp_dir), "--out", str(out), "--target-loss", "2.2", "--template", "task"]) == 0
+    html = (out / "report.html").read_text()
+    assert "Gradient noise" in html and "B_simple over training" in html
+    assert html.count("against its own measured noise scale") == 1
+    logs = load_logs(exp_dir)
+    s = logs.scalars
+    # Every table value is a logged value: B_simple of each cell at epoch 1 (one seed each).
+    tables = sorted((out / "tables").glob("*_gradient_noise_*.csv"))
+    assert len(tables) == len(exp.runs) // 2  # one per (initializer, batch size), BN as rows
+    for csv in tables:
+        df = pd.read_csv(csv)
+        for row in df.itertuples():
+            runs = [exp.run_name(r) for r in exp.runs if r.batch_norm == row.batch_norm
+                    and f"_bs{r.batch_size}." in csv.name and r.initializer in csv.name]
+            (run,) = runs
+            logged = s[(s["run"] == run) & (s["tag"] == PREFIX + "epoch_cosine")]["value"].iloc[0]
+            assert row.cosine_mean == pytest.approx(logged)
+    # Steps to the target: what the windowed step losses give, per run; unreached ones say so.
+    (target_csv,) = (out / "tables").glob("*_steps_to_target.csv")
+    df = pd.read_csv(target_csv)
+    assert (df["target_loss"] == 2.2).all() and len(df) == len(exp.runs)
+    for row in df.itertuples():
+        (spec,) = [r for r in exp.runs if r.batch_size == row.batch_size and r.batch_norm == row.batch_norm
+                   and (r.initializer == "he_normal") == row.setting.startswith("He")]
+        steps = steps_to_target(s, exp.run_name(spec), spec.batch_size, 2.2)
+        assert row.runs_reached == (steps is not None)
+        if steps is not None:
+            assert row.steps_mean == steps and row.examples_mean == steps * spec.batch_size
+    assert main(["--logdir", str(exp_dir), "--out", str(tmp_path / "none"), "--target-loss", "1e-9",
+                 "--format", "html"]) == 0
+    assert "not reached" in (tmp_path / "none" / "report.html").read_text()
+
+
+def test_bad_target_loss_is_refused(fixture_logs, tmp_path, capsys):
+    from report.cli import main
+
+    assert main(["--logdir", str(fixture_logs), "--out", str(tmp_path), "--target-loss", "-1"]) == 2
+    assert "--target-loss -1.0 is not valid" in capsys.readouterr().err
