@@ -16,7 +16,7 @@ TRAIN_ARGS := --experiment $(EXPERIMENT) --logdir $(LOGDIR) \
 	$(if $(SHARD),--shard $(SHARD)) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv dataset train report test bench tensorboard clean
+.PHONY: help venv dataset train report test bench bench-noise tensorboard clean
 
 ## help: list the targets
 help:
@@ -65,6 +65,10 @@ bench: $(STAMP) dataset
 	$(BIN)/python -m bench.report_speed --logdir $(LOGDIR)/$(EXPERIMENT)
 	$(BIN)/python -m bench.grid_speed --experiment $(EXPERIMENT) $(if $(QUICK),--quick) \
 	  $(if $(WORKERS),--workers $(WORKERS)) $(if $(DATA),--data $(DATA))
+
+## bench-noise: training time with [gradient_noise] off vs on, every run of EXPERIMENT twice; QUICK=1 reduced
+bench-noise: $(STAMP) dataset
+	$(BIN)/python -m bench.noise_overhead --experiment $(EXPERIMENT) $(if $(QUICK),--quick) $(if $(DATA),--data $(DATA))
 
 ## tensorboard: live view of LOGDIR, every point kept
 tensorboard: $(STAMP)

@@ -26,3 +26,17 @@ def test_report_benchmark_prints_each_time_and_the_ratio(fixture_logs):
     lines = result.stdout.strip().splitlines()
     assert any(line.startswith("ours warm (cache):") for line in lines)
     assert re.fullmatch(r"warm parse speedup: \d+\.\dx", lines[-1])
+
+
+@pytest.mark.slow
+def test_noise_overhead_benchmark_trains_both_sides(synthetic_npz):
+    result = subprocess.run([sys.executable, "-m", "bench.noise_overhead", "--experiment", "smoke", "--quick",
+                             "--every", "5", "--data", str(synthetic_npz)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    rows = {int(line.split()[0]): line.split() for line in lines if re.match(r"\s+\d+ ", line)}
+    assert sorted(rows) == [64, 256]
+    # The "on" side measured: at least at each of the 2 epoch ends of each of the 4 runs a row.
+    assert all(int(row[-1]) >= 8 for row in rows.values())
+    assert re.fullmatch(r"gradient noise overhead: -?\d+\.\d%", lines[-1])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from trainer.cli import main
+from trainer.noise import EPOCH_TAGS, PREFIX, STEP_TAGS
 from trainer.spec import RunSpec
 
 pytestmark = pytest.mark.slow
@@ -48,9 +49,12 @@ def test_event_files_hold_exact_tags_and_steps(smoke):
         name = exp.run_name(spec)
         run = df[df["run"] == name]
         tags = {s: set(run[run["split"] == s]["tag"]) for s in ("train", "validation")}
-        assert tags == {"train": {"epoch_loss", "epoch_accuracy", "step_loss"},
-                        "validation": {"epoch_loss", "epoch_accuracy"}}
+        gradient = {t for t in tags["train"] if t.startswith(PREFIX)}  # checked in test_noise.py
+        assert gradient and gradient <= {PREFIX + t for t in STEP_TAGS + EPOCH_TAGS}
+        assert {"train": tags["train"] - gradient, "validation": tags["validation"]} == {
+            "train": {"epoch_loss", "epoch_accuracy", "step_loss"}, "validation": {"epoch_loss", "epoch_accuracy"}}
         steps = run[run["tag"] == "step_loss"]["step"].tolist()
+        run = run[~run["tag"].str.startswith(PREFIX)]
         assert steps == list(range(1, math.ceil(N_TRAIN / spec.batch_size) + 1))
         assert np.isfinite(run["value"].astype(float)).all()
         epochs = run[run["tag"] == "epoch_loss"]
