@@ -1,12 +1,12 @@
 """Sentences computed from comparisons in the data, each qualified by what the data can show."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pandas as pd
 
 from report.tables import Cell
+from trainer import noise
 
 
 def _v(x: float) -> str:
@@ -91,5 +91,4 @@ def roughness(scalars: pd.DataFrame, run: str, steps_per_epoch: int) -> float:
     """Std of step-to-step differences of the training loss over the last epoch."""
     s = scalars[(scalars["run"] == run) & (scalars["tag"] == "step_loss")].sort_values("step")["value"]
     s = s.to_numpy()[-steps_per_epoch:]
-    s = s[np.isfinite(s)]
-    return float(np.std(np.diff(s), ddof=1)) if len(s) > 2 else math.nan
+    return noise.roughness(s[np.isfinite(s)])

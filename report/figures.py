@@ -15,6 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from trainer.manifest import write_atomic  # noqa: E402
+
 plt.rcParams.update({
     "svg.fonttype": "none",  # keep text as text: searchable in the PDF
     "font.size": 9, "axes.spines.top": False, "axes.spines.right": False,
@@ -110,8 +112,6 @@ class FigureCache:
             pass
         self.misses += 1
         svg = draw()
-        from trainer.manifest import write_atomic
-
         try:
             write_atomic(entry, svg)
         except OSError:

@@ -163,8 +163,7 @@ def add_section(builder, target_loss: float | None = None) -> None:
                                "B_simple"))
         if panels:
             doc.figure(sec, f"Gradient noise scale B_simple over training{', ' + title if title else ''} "
-                            "(mean over seeds)", panels_figure(panels, cache=builder.figure_cache,
-                                                               size=(6.0, 2.8)))
+                            "(mean over seeds)", panels_figure(panels, cache=builder.figure_cache))
     # One sentence per run.
     sentences = []
     order = [c for c in ("initializer", "batch_size", "batch_norm", "seed", "run") if c in logs.runs]
@@ -187,7 +186,8 @@ def target_table(builder, sec, runs_by_key, target_loss: float | None) -> None:
     doc, logs = builder.doc, builder.logs
     batch = {run: int((logs.manifests.get(run, {}).get("spec") or {}).get("batch_size") or 1)
              for run in logs.runs["run"]}
-    complete = {r: b for r, b in batch.items() if r in set(builder.runs_where({}))}
+    finished = set(builder.runs_where({}))
+    complete = {r: b for r, b in batch.items() if r in finished}
     target = target_loss if target_loss is not None else default_target(logs.scalars, complete)
     if target is None:
         return
@@ -202,7 +202,7 @@ def target_table(builder, sec, runs_by_key, target_loss: float | None) -> None:
             continue
         steps = [steps_to_target(logs.scalars, r, batch[r], target) for r in runs]
         hit = [s for s in steps if s is not None]
-        label = ", ".join(p for p in (builder.section_title(key) if key else "",) if p)
+        label = builder.section_title(key) if key else ""
         bn_text = "—" if bn is None else ("on" if bn else "off")
         if hit:
             s_cell = Cell(mean=float(np.mean(hit)), std=float(np.std(hit, ddof=1)) if len(hit) > 1 else math.nan,

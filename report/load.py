@@ -7,7 +7,6 @@ its directory name.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from report.cache import ParseCache
-from trainer.manifest import FINISHED
+from trainer.manifest import FINISHED, read_json_dict
 
 SPLITS = ("train", "validation")
 SCALAR_COLUMNS = ["run", "split", "tag", "step", "value"]
@@ -218,11 +217,7 @@ def digest(logdir: Path) -> str:
 
 
 def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    return read_json_dict(path)
 
 
 def _hashable(value):

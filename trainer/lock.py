@@ -8,7 +8,6 @@ say whose stale lock it took over.
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from trainer.manifest import write_json_atomic
+from trainer.manifest import read_json_dict, write_json_atomic
 
 LOCK_DIR = ".locks"
 
@@ -40,11 +39,7 @@ def owner_record() -> dict:
 
 
 def read_owner(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    return read_json_dict(path)
 
 
 def try_lock(exp_dir: Path, run: str) -> RunLock | dict:

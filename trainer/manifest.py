@@ -36,13 +36,18 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2, allow_nan=False, default=str) + "\n")
 
 
-def read_manifest(run_dir: Path) -> dict | None:
-    """The run's manifest, or None when it is missing or unreadable."""
+def read_json_dict(path: Path) -> dict | None:
+    """A JSON object from `path`, or None when it is missing, unreadable or not an object."""
     try:
-        data = json.loads((run_dir / MANIFEST).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def read_manifest(run_dir: Path) -> dict | None:
+    """The run's manifest, or None when it is missing or unreadable."""
+    return read_json_dict(run_dir / MANIFEST)
 
 
 def library_versions() -> dict[str, str]:
