@@ -1,7 +1,8 @@
 """Where runs execute: this process, N local worker processes, or tasks on a Ray cluster.
 
-Every executor runs the same task, `train_one`: take the run's lock, skip it if another
-trainer finished or holds it, train it, release the lock. So the log layout, the skip
+Every executor runs the same task, `train_one`: take the locks of a pack's runs (one run,
+or several the fused engine trains together), skip those another trainer finished or
+holds, train the rest, release the locks. So the log layout, the skip
 and restart rules and the report are the same whatever runs the grid, and any mix of
 executors and shards may share one log root. We do not schedule: a process pool or Ray
 hands out the tasks, and yields each result as its run finishes.
@@ -27,9 +28,9 @@ class ExecutorUnavailable(Exception):
 
 @dataclass(frozen=True)
 class Task:
-    """One run to train; small and picklable, so it can cross to a worker or a Ray node."""
-    experiment: object  # trainer.spec.Experiment
-    index: int          # position in the experiment's grid
+    """One pack of runs to train; small and picklable, so it can cross to a worker or a Ray node."""
+    experiment: object         # trainer.spec.Experiment
+    indices: tuple[int, ...]   # positions in the experiment's grid (Experiment.packs)
     exp_dir: str
     allow_download: bool = True
     verbose: int = 0
@@ -65,50 +66,74 @@ def _dataset(experiment, allow_download: bool):
     return _data_cache[key]
 
 
-def train_one(task: Task) -> dict:
-    """Train one run under its lock; a summary of what happened (`status` "busy" or
+def train_one(task: Task) -> list[dict]:
+    """Train a task's runs under their locks; a summary per run (`status` "busy" or
     "skipped" when another trainer holds or finished it)."""
     from trainer.lock import RunLock, describe_owner, try_lock
-    from trainer.run import is_reusable, run_config, train_run
+    from trainer.run import is_reusable, run_config
 
     experiment = task.experiment
-    spec = experiment.runs[task.index]
-    name = experiment.run_name(spec)
     exp_dir = Path(task.exp_dir)
-    label = f"run {task.index + 1}/{len(experiment.runs)} {name}"
-    result = {"index": task.index, "name": name, "pid": os.getpid()}
     if not (exp_dir / "experiment.json").is_file():
         # On a cluster: the driver wrote it, so this node does not see the driver's log root.
         raise FileNotFoundError(f"{exp_dir}/experiment.json is not visible from this worker: the log "
                                 "root must be a path every node shares (e.g. an NFS mount)")
     data = _dataset(experiment, task.allow_download)
     interrupt.check()
-    lock = try_lock(exp_dir, name)
-    if not isinstance(lock, RunLock):
-        return {**result, "status": "busy", "owner": describe_owner(lock)}
+    results, todo, locks = [], [], []
     try:
-        done = is_reusable(exp_dir / name, run_config(experiment, spec, data))
-        if done:
-            return {**result, "status": "skipped", "finished_status": done["status"]}
-        if lock.stale_owner:
-            print(f"{label}: taking over from a dead trainer ({describe_owner(lock.stale_owner)})", flush=True)
-        print(f"{label}: start", flush=True)
-        try:
-            manifest = train_run(experiment, spec, data, exp_dir / name, verbose=task.verbose)
-        except OSError as exc:  # the manifest itself could not be written: the run stays "running"
-            if exc.errno not in DISK_ERRNOS:
-                raise
-            manifest = {"status": "failed", "error": f"OSError: {exc.strerror}", "disk_error": True}
+        for index in task.indices:
+            spec = experiment.runs[index]
+            name = experiment.run_name(spec)
+            label = f"run {index + 1}/{len(experiment.runs)} {name}"
+            result = {"index": index, "name": name, "pid": os.getpid()}
+            lock = try_lock(exp_dir, name)
+            if not isinstance(lock, RunLock):
+                results.append({**result, "status": "busy", "owner": describe_owner(lock)})
+                continue
+            locks.append(lock)
+            done = is_reusable(exp_dir / name, run_config(experiment, spec, data))
+            if done:
+                results.append({**result, "status": "skipped", "finished_status": done["status"]})
+                continue
+            if lock.stale_owner:
+                print(f"{label}: taking over from a dead trainer ({describe_owner(lock.stale_owner)})", flush=True)
+            print(f"{label}: start", flush=True)
+            todo.append(result)
+        if todo:
+            manifests = _train(experiment, [experiment.runs[r["index"]] for r in todo], data,
+                               [exp_dir / r["name"] for r in todo], task.verbose)
+            keys = ("status", "wall_seconds", "final", "error", "disk_error")
+            results += [{**r, **{k: m.get(k) for k in keys}} for r, m in zip(todo, manifests)]
     finally:
-        lock.release()
-    return {**result, **{k: manifest.get(k) for k in ("status", "wall_seconds", "final", "error", "disk_error")}}
+        for lock in locks:
+            lock.release()
+    return results
+
+
+def _train(experiment, specs, data, run_dirs, verbose) -> list[dict]:
+    """Final manifests of `specs` trained into `run_dirs`: a pack on the fused engine, or
+    one run with `model.fit`."""
+    try:
+        if experiment.engine_of(specs[0]) == "fused":
+            from trainer.packed import train_pack
+
+            return train_pack(experiment, specs, data, run_dirs)
+        from trainer.run import train_run
+
+        (spec,), (run_dir,) = specs, run_dirs
+        return [train_run(experiment, spec, data, run_dir, verbose=verbose)]
+    except OSError as exc:  # a manifest itself could not be written: the runs stay "running"
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        return [{"status": "failed", "error": f"OSError: {exc.strerror}", "disk_error": True}] * len(specs)
 
 
 def run_local(tasks: list[Task], *, workers: int, threads: int | None) -> Iterator[dict]:
     """Tasks in this process (workers=1) or in a pool of `workers` processes."""
     if workers <= 1:
         for task in tasks:
-            yield train_one(task)
+            yield from train_one(task)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -120,9 +145,10 @@ def run_local(tasks: list[Task], *, workers: int, threads: int | None) -> Iterat
         futures = {pool.submit(train_one, task): task for task in tasks}
         for future in as_completed(futures):
             try:
-                yield future.result()
+                results = future.result()
             except Exception as exc:  # noqa: BLE001 - e.g. a worker killed: BrokenProcessPool
-                yield _failed(futures[future], f"{type(exc).__name__}: {exc}")
+                results = _failed(futures[future], f"{type(exc).__name__}: {exc}")
+            yield from results
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -155,16 +181,17 @@ def run_ray(tasks: list[Task], *, address: str | None, cpus_per_run: float, gpus
             ready, _ = ray.wait(list(pending), num_returns=1)
             task = pending.pop(ready[0])
             try:
-                yield ray.get(ready[0])
+                results = ray.get(ready[0])
             except ray.exceptions.RayError as exc:
-                yield _failed(task, f"Ray task failed (retried up to {retries} times): "
-                                    f"{str(exc).strip().splitlines()[-1]}")
+                results = _failed(task, f"Ray task failed (retried up to {retries} times): "
+                                        f"{str(exc).strip().splitlines()[-1]}")
+            yield from results
     finally:
         if started_here:
             ray.shutdown()
 
 
-def _failed(task: Task, error: str) -> dict:
-    """The result of a task that never reported back (its run folder, if any, says running)."""
-    name = task.experiment.run_name(task.experiment.runs[task.index])
-    return {"index": task.index, "name": name, "status": "failed", "error": error}
+def _failed(task: Task, error: str) -> list[dict]:
+    """The results of a task that never reported back (its run folders, if any, say running)."""
+    return [{"index": i, "name": task.experiment.run_name(task.experiment.runs[i]), "status": "failed",
+             "error": error} for i in task.indices]

@@ -131,13 +131,13 @@ def run_grid(experiment: Experiment, *, logdir: Path, verbose: int = 0,
     def count(status: str) -> None:
         counts[status] = counts.get(status, 0) + 1
 
-    total, tasks = len(names), []
+    total = len(names)
     for i in selected:
         if finished[i]:
             count("skipped")
             print(f"run {i + 1}/{total} {names[i]}: already {finished[i]['status']}, skipped", file=out, flush=True)
-        else:
-            tasks.append(Task(experiment, i, str(exp_dir), allow_download, verbose))
+    todo = [i for i in selected if not finished[i]]
+    tasks = [Task(experiment, pack, str(exp_dir), allow_download, verbose) for pack in experiment.packs(todo)]
     if executor == "ray":
         results = run_ray(tasks, address=ray_address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run)
     else:
@@ -162,7 +162,7 @@ def run_grid(experiment: Experiment, *, logdir: Path, verbose: int = 0,
             raise LogDirError(f"run {result['name']} could not write its logs ({reason}); "
                               f"the grid stopped. That run is marked failed and is retrained, not reported. "
                               f"Free space in {exp_dir} and run the same command again")
-        left = len(tasks) - done
+        left = len(todo) - done
         eta = f", ETA {_duration((time.perf_counter() - t0) / done * left)}" if left else ""
         detail = error if status == "failed" else _metrics(result.get("final") or {})
         wall = result.get("wall_seconds")

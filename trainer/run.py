@@ -32,6 +32,7 @@ def run_config(experiment: Experiment, spec: RunSpec, data: Dataset) -> dict:
         "limit": experiment.limit, "train_examples": int(len(data.x_train)),
         "validation_examples": int(len(data.x_val)),
         "gradient_noise": experiment.gradient_noise.to_dict(),
+        "engine": experiment.engine_of(spec),
     }
 
 
@@ -47,27 +48,36 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def train_run(experiment: Experiment, spec: RunSpec, data: Dataset, run_dir: Path, *,
-              verbose: int = 0) -> dict:
-    """Train from scratch into `run_dir` and return the final manifest.
+def begin_run(experiment: Experiment, spec: RunSpec, data: Dataset, run_dir: Path) -> dict:
+    """Empty `run_dir` and write its "running" manifest; returns the manifest.
 
     Any earlier attempt's files are removed first, so TensorBoard never sees two
-    copies of a step. A KeyboardInterrupt marks the run interrupted and propagates.
+    copies of a step.
     """
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    config = run_config(experiment, spec, data)
     manifest = {
-        "experiment": experiment.name, "run": run_dir.name, "config": config,
+        "experiment": experiment.name, "run": run_dir.name, "config": run_config(experiment, spec, data),
         "spec": spec.to_dict(), "seed": spec.seed, "status": "running",
         "start_time": _now(), "end_time": None, "wall_seconds": None, "steps": 0,
         "examples_seen": 0, "epochs_completed": 0, "final": {},
-        "dataset": data.describe(), "steps_per_execution": experiment.steps_per_execution,
+        "dataset": data.describe(), "engine": experiment.engine_of(spec),
+        "steps_per_execution": experiment.steps_per_execution,
         "versions": library_versions(), "hardware": hardware(),
         "worker": {"pid": os.getpid(), "host": socket.gethostname()},
     }
     write_json_atomic(run_dir / MANIFEST, manifest)
+    return manifest
+
+
+def train_run(experiment: Experiment, spec: RunSpec, data: Dataset, run_dir: Path, *,
+              verbose: int = 0) -> dict:
+    """Train from scratch with `model.fit` into `run_dir` and return the final manifest.
+
+    A KeyboardInterrupt marks the run interrupted and propagates.
+    """
+    manifest = begin_run(experiment, spec, data, run_dir)
 
     # A fresh Keras state per run: layer names (shown in the report) and memory do not
     # depend on how many runs this process trained before.
@@ -125,6 +135,18 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _finish(manifest, model, scalars, data, spec, start, status, run_dir, writers, noise) -> dict:
+    return finish_run(
+        manifest, run_dir=run_dir, writers=writers, status=status, start=start,
+        steps=int(model.optimizer.iterations.numpy()) if model is not None else 0,
+        train_examples=len(data.x_train), batch_size=spec.batch_size,
+        epochs_done=scalars.epochs_done, final=scalars.last,
+        noise_summary=noise.summary() if noise is not None else None, diverged_at=scalars.diverged_at)
+
+
+def finish_run(manifest: dict, *, run_dir: Path, writers: dict, status: str, start: float, steps: int,
+               train_examples: int, batch_size: int, epochs_done: int, final: dict,
+               noise_summary: dict | None = None, diverged_at: int | None = None) -> dict:
+    """Close the run's writers, mark its end in TensorBoard and write the final manifest."""
     # A run whose event files could not be completely written is not finished, whatever
     # training did: marking it failed keeps a half-written log out of the report.
     log_errors = []
@@ -134,20 +156,19 @@ def _finish(manifest, model, scalars, data, spec, start, status, run_dir, writer
             writer.close()
         except Exception as exc:  # noqa: BLE001 - recorded, and the run is marked failed
             log_errors.append(_one_line(exc))
-    steps = int(model.optimizer.iterations.numpy()) if model is not None else 0
-    steps_per_epoch = math.ceil(len(data.x_train) / spec.batch_size)
+    steps_per_epoch = math.ceil(train_examples / batch_size)
     full, partial = divmod(steps, steps_per_epoch)
     manifest.update({
         "status": status, "end_time": _now(), "wall_seconds": round(time.perf_counter() - start, 3),
-        "steps": steps, "examples_seen": full * len(data.x_train) + partial * spec.batch_size,
-        "epochs_completed": scalars.epochs_done,
-        "final": {k: (v if np.isfinite(v) else None) for k, v in scalars.last.items()},
+        "steps": steps, "examples_seen": full * train_examples + partial * batch_size,
+        "epochs_completed": epochs_done,
+        "final": {k: (v if np.isfinite(v) else None) for k, v in final.items()},
     })
-    if noise is not None:
-        manifest["gradient_noise"] = noise.summary()
+    if noise_summary is not None:
+        manifest["gradient_noise"] = noise_summary
     if status == "diverged":
-        manifest["diverged_at_step"] = scalars.diverged_at
-    detail = {"diverged": f"non-finite loss by step {scalars.diverged_at}",
+        manifest["diverged_at_step"] = diverged_at
+    detail = {"diverged": f"non-finite loss by step {diverged_at}",
               "failed": manifest.get("error", "")}.get(status, "")
     try:
         write_run_status(run_dir, status, detail)

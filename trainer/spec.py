@@ -21,6 +21,12 @@ ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu", "selu", "gelu", "swish", "softp
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad", "nadam")
 LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy")
 DATASETS = ("mnist", "fashion_mnist")
+# How runs train: "fused" packs runs that share their data order into one XLA program
+# (trainer.packed); "keras" is one `model.fit` per run. Runs the fused engine cannot
+# express (a CNN, one-hot labels) always use "keras".
+ENGINES = ("fused", "keras")
+FUSED_ARCHITECTURES = ("mlp", "linear")
+FUSED_LOSSES = ("sparse_categorical_crossentropy",)
 TEMPLATES = ("lab", "task")
 # Keras initializer names that take a seed; the documents' words map onto them.
 INITIALIZERS = (
@@ -75,6 +81,17 @@ class RunSpec:
         d["hidden"] = tuple(d.get("hidden", ()))
         return cls(**d)
 
+    @property
+    def uses_batch_norm(self) -> bool:
+        return self.batch_norm and self.architecture != "linear"  # the linear model has none
+
+    def pack_key(self) -> tuple:
+        """Runs with equal keys see the same batches in the same order, so the fused
+        engine can train them together (trainer.packed)."""
+        d = self.to_dict()
+        del d["initializer"], d["batch_norm"]
+        return tuple(sorted((k, repr(v)) for k, v in d.items()))
+
     def hparams(self) -> dict[str, bool | int | float | str]:
         """Flat values TensorBoard's HParams plugin accepts."""
         d = dataclasses.asdict(self)
@@ -117,6 +134,8 @@ class Experiment:
     limit: int | None = None
     data_path: str | None = None
     steps_per_execution: int = 1
+    engine: str = "fused"
+    pack: int = 8           # the most runs the fused engine trains together
     gradient_noise: NoiseSettings = NoiseSettings()
     grid_axes: tuple[str, ...] = ()
     runs: tuple[RunSpec, ...] = field(default=(), repr=False)
@@ -126,6 +145,27 @@ class Experiment:
         axes = [a for a in self.grid_axes if a != "seed"] + ["seed"]
         parts = [f"{_NAME_KEYS.get(a, a)}={format_value(getattr(spec, a))}" for a in axes]
         return re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(parts))
+
+    def engine_of(self, spec: RunSpec) -> str:
+        """The engine that trains `spec`: this experiment's, unless only Keras can."""
+        if self.engine == "fused" and spec.architecture in FUSED_ARCHITECTURES and spec.loss in FUSED_LOSSES:
+            return "fused"
+        return "keras"
+
+    def packs(self, indices: list[int]) -> list[tuple[int, ...]]:
+        """The grid positions `indices` grouped into packs of at most `pack` runs that train
+        together, ordered by their first member; a run only Keras can train is alone."""
+        groups: dict[tuple, list[int]] = {}
+        packs = []
+        for i in indices:
+            spec = self.runs[i]
+            if self.engine_of(spec) == "fused":
+                groups.setdefault(spec.pack_key(), []).append(i)
+            else:
+                packs.append((i,))
+        for members in groups.values():
+            packs += [tuple(members[s:s + self.pack]) for s in range(0, len(members), self.pack)]
+        return sorted(packs)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "runs"}
@@ -151,7 +191,7 @@ _TABLE_KEYS = {
     "data": {"dataset", "validation", "limit", "path"},
     "run": set(RUN_FIELDS),
     "grid": set(RUN_FIELDS) | {"repeats"},
-    "execution": {"steps_per_execution"},
+    "execution": {"steps_per_execution", "engine", "pack"},
     "gradient_noise": {f.name for f in dataclasses.fields(NoiseSettings)},
 }
 
@@ -253,6 +293,8 @@ class _Checker:
                 data_path = str((self.path.parent / data_path).resolve()) if overrides["path"] is None else data_path
         spe = self.positive_int("[execution] steps_per_execution",
                                 tables["execution"].get("steps_per_execution", 1))
+        engine = self.choice("[execution] engine", tables["execution"].get("engine", "fused"), ENGINES)
+        pack = self.positive_int("[execution] pack", tables["execution"].get("pack", 8))
 
         noise = self.noise_settings(tables["gradient_noise"])
 
@@ -289,7 +331,7 @@ class _Checker:
             name=name, source=str(self.path), title=strings["title"] or name, author=strings["author"],
             id=strings["id"], date=date, template=template, objective=strings["objective"],
             dataset=dataset, validation=validation, limit=limit, data_path=data_path or None,
-            steps_per_execution=spe, gradient_noise=noise, grid_axes=tuple(names),
+            steps_per_execution=spe, engine=engine, pack=pack, gradient_noise=noise, grid_axes=tuple(names),
             runs=tuple(dict.fromkeys(runs)),
         )
 

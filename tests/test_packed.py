@@ -1,0 +1,221 @@
+"""The fused engine (trainer.packed): each member of a pack trains exactly as the same
+Keras model trained alone on the same batches, whatever it is packed with."""
+import json
+import math
+import textwrap
+
+import numpy as np
+import pytest
+
+from trainer.spec import RunSpec, load_experiment
+
+N, BATCH, CLASSES, SHAPE = 300, 32, 4, (6, 6)  # 300 = 9 × 32 + 12: the last batch is partial
+INITS = ("glorot_normal", "he_normal")
+
+
+def member_specs(**kw):
+    """Two initializers × batch norm off/on, batch norm last as a pack orders them."""
+    base = dict(hidden=(16, 8), activation="tanh", batch_size=BATCH, epochs=1, learning_rate=0.01)
+    return [RunSpec(**{**base, "initializer": i, "batch_norm": bn, **kw}) for bn in (False, True) for i in INITS]
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.random((N,) + SHAPE).astype("float32")
+    y = rng.integers(0, CLASSES, N).astype("int32")
+    x[np.arange(N), y, y] += 2.0  # learnable
+    return x, y
+
+
+def train_packed(specs, x, y, *, epochs=1, poison=None):
+    """A PackedMLP trained over `epochs` shuffled epochs; per step and member the loss."""
+    import tensorflow as tf
+
+    from trainer.packed import PackedMLP, _batches
+
+    pack = PackedMLP(specs, input_shape=SHAPE, classes=CLASSES)
+    if poison is not None:  # member `poison`'s first-layer weights become NaN
+        units = pack.units[0]
+        k = pack.kernels[0].numpy()
+        k[:, poison * units:(poison + 1) * units] = np.nan
+        pack.kernels[0].assign(k)
+    losses, rights = [], []
+    for epoch in range(epochs):
+        idx, counts = _batches(N, BATCH, specs[0].seed, epoch)
+        out, _, right = pack.train_chunk(tf.constant(x.reshape(N, -1)), tf.constant(y), idx, counts,
+                                         tf.constant(len(counts)))
+        losses.append(out.numpy())
+        rights.append(right.numpy())
+    return pack, np.concatenate(losses), np.sum(rights, axis=0)
+
+
+def train_keras(spec, x, y, *, epochs=1):
+    """The same run as a plain Keras model, `train_on_batch` on the same batches."""
+    import keras
+
+    from trainer.models import build_model, make_optimizer
+    from trainer.packed import _batches
+
+    keras.backend.clear_session(free_memory=False)
+    model = build_model(spec, input_shape=SHAPE, classes=CLASSES)
+    model.compile(optimizer=make_optimizer(spec), loss=spec.loss, metrics=["accuracy"])
+    losses, right = [], 0.0
+    for epoch in range(epochs):
+        idx, counts = _batches(N, BATCH, spec.seed, epoch)
+        for rows, count in zip(idx, counts):
+            out = model.train_on_batch(x[rows[:count]], y[rows[:count]], return_dict=True)
+            losses.append(out["loss"])
+            right += out["accuracy"] * count
+    return model, np.array(losses), right
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    x, y = data
+    specs = member_specs()
+    pack, losses, rights = train_packed(specs, x, y, epochs=2)
+    return specs, pack, losses, rights, [train_keras(s, x, y, epochs=2) for s in specs]
+
+
+def test_each_member_trains_as_keras_trains_it_alone(trained):
+    specs, pack, losses, rights, keras_runs = trained
+    assert losses.shape == (2 * math.ceil(N / BATCH), len(specs))
+    for j, (model, ref_losses, ref_right) in enumerate(keras_runs):
+        np.testing.assert_allclose(losses[:, j], ref_losses, rtol=1e-5, atol=1e-6)
+        assert rights[j] == pytest.approx(ref_right, abs=1e-3)
+        dense = [l for l in model.layers if type(l).__name__ == "Dense"]
+        units = pack.units[0]
+        np.testing.assert_allclose(pack.kernels[0].numpy()[:, j * units:(j + 1) * units],
+                                   dense[0].kernel.numpy(), atol=1e-5)
+        np.testing.assert_allclose(pack.kernels[-1].numpy()[j], dense[-1].kernel.numpy(), atol=1e-5)
+        if specs[j].batch_norm:
+            norm = [l for l in model.layers if type(l).__name__ == "BatchNormalization"][1]
+            k = j - (len(specs) - pack.normed)
+            np.testing.assert_allclose(pack.norms[1][2].numpy()[k, 0], norm.moving_mean.numpy(), atol=1e-5)
+            np.testing.assert_allclose(pack.norms[1][3].numpy()[k, 0], norm.moving_variance.numpy(), atol=1e-5)
+    assert pack.steps == 2 * math.ceil(N / BATCH)
+
+
+def test_validation_matches_keras_evaluate(trained, data):
+    from trainer.data import Dataset
+    from trainer.packed import _evaluate
+
+    specs, pack, _, _, keras_runs = trained
+    x, y = data
+    val = Dataset("synthetic", "test", x, y, x[:250], y[:250], "test")
+    loss, accuracy = _evaluate(pack, val)
+    for j, (model, _, _) in enumerate(keras_runs):
+        ref = model.evaluate(x[:250], y[:250], batch_size=64, verbose=0, return_dict=True)
+        assert loss[j] == pytest.approx(ref["loss"], rel=1e-5)
+        assert accuracy[j] == pytest.approx(ref["accuracy"], abs=1e-6)
+
+
+def test_gradient_probe_matches_the_single_model_probe(trained, data):
+    from trainer.noise_probe import GradientProbe
+
+    specs, pack, _, _, keras_runs = trained
+    x, y = data
+    xs, ys = x[:128].reshape(4, 32, -1), y[:128].reshape(4, 32)
+    small, big, cosine = (t.numpy() for t in pack.probe(xs, ys, x[200:232].reshape(32, -1), y[200:232]))
+    for j, (model, _, _) in enumerate(keras_runs):
+        ref = GradientProbe(model, specs[j].loss).measure(x[:128].reshape((4, 32) + SHAPE), ys,
+                                                          x[200:232], y[200:232])
+        np.testing.assert_allclose([small[j], big[j], cosine[j]], ref, rtol=1e-4)
+    assert not np.allclose(small, small[0])  # the members really differ
+
+
+def test_a_member_does_not_depend_on_its_pack_mates(data):
+    x, y = data
+    specs = member_specs()
+    alone = train_packed([specs[2]], x, y)[1][:, 0]  # glorot with batch norm, trained by itself
+    _, together, _ = train_packed(specs, x, y, poison=0)  # member 0 starts with NaN weights
+    np.testing.assert_allclose(together[:, 2], alone, rtol=1e-5, atol=1e-6)
+    assert np.isnan(together[:, 0]).all() and np.isfinite(together[:, 1:]).all()
+
+
+def test_divergence_is_recorded_per_member_at_its_first_non_finite_step():
+    from trainer.packed import _record_divergence
+
+    diverged = [None, None, 7]
+    losses = np.array([[1.0, 1.0, np.nan], [np.inf, 1.0, np.nan], [np.nan, 1.0, np.nan]])
+    written = _record_divergence(losses, 10, diverged)
+    assert written.tolist() == [2, 3, 0]  # up to and including the first bad step; none once diverged
+    assert diverged == [12, None, 7]
+
+
+def test_runs_are_packed_by_shared_data_order(tmp_path):
+    lab = load_experiment("lab")
+    packs = lab.packs(list(range(len(lab.runs))))
+    assert len(packs) == 5 and all(len(p) == 6 for p in packs)
+    for pack in packs:
+        assert len({lab.runs[i].batch_size for i in pack}) == 1
+        assert len({(lab.runs[i].initializer, lab.runs[i].batch_norm) for i in pack}) == 6
+    assert sorted(i for p in packs for i in p) == list(range(30))
+    path = tmp_path / "mixed.toml"
+    path.write_text(textwrap.dedent("""
+        [grid]
+        architecture = ["mlp", "cnn"]
+        initializer = ["glorot_normal", "he_normal", "lecun_normal"]
+        seed = [0, 1]
+        [execution]
+        pack = 2
+    """))
+    mixed = load_experiment(str(path))
+    packs = mixed.packs(list(range(len(mixed.runs))))
+    cnn = [p for p in packs if mixed.runs[p[0]].architecture == "cnn"]
+    assert len(cnn) == 6 and all(len(p) == 1 for p in cnn)  # only Keras trains a CNN
+    mlp = [p for p in packs if mixed.runs[p[0]].architecture == "mlp"]
+    assert sorted(map(len, mlp)) == [1, 1, 2, 2]  # 3 initializers per seed, at most 2 per pack
+    assert all(len({mixed.runs[i].seed for i in p}) == 1 for p in mlp)
+    path.write_text(path.read_text().replace("pack = 2", 'engine = "keras"'))
+    keras_only = load_experiment(str(path))
+    assert all(len(p) == 1 for p in keras_only.packs(list(range(len(keras_only.runs)))))
+
+
+@pytest.mark.slow
+def test_fused_and_keras_engines_log_the_same_layout(tmp_path, synthetic_npz):
+    """The same grid on both engines: same runs, tags and step numbers, and final
+    validation losses from the same distribution (different shuffles, not the same bits)."""
+    from tbparse import SummaryReader
+
+    from trainer.cli import main
+
+    finals = {}
+    for engine in ("fused", "keras"):
+        path = tmp_path / f"{engine}.toml"
+        path.write_text(textwrap.dedent(f"""
+            [data]
+            validation = "test"
+            [run]
+            hidden = [32]
+            activation = "tanh"
+            epochs = 2
+            [grid]
+            initializer = ["glorot_normal", "he_normal"]
+            batch_size = [64]
+            batch_norm = [false, true]
+            [execution]
+            steps_per_execution = 8
+            engine = "{engine}"
+            [gradient_noise]
+            every = 10
+        """))
+        assert main(["--experiment", str(path), "--data", str(synthetic_npz), "--logdir", str(tmp_path)]) == 0
+        exp_dir = tmp_path / engine
+        df = SummaryReader(str(exp_dir), extra_columns={"dir_name"}).tensors
+        layout = {(d, t): sorted(g["step"]) for (d, t), g in df.groupby(["dir_name", "tag"])}
+        finals[engine] = {}
+        for run in sorted(p for p in exp_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            manifest = json.loads((run / "run.json").read_text())
+            assert manifest["status"] == "complete" and manifest["engine"] == engine
+            assert manifest["steps"] == 2 * math.ceil(1200 / 64)
+            assert layout[(f"{run.name}/train", "step_loss")] == list(range(1, manifest["steps"] + 1))
+            finals[engine][run.name] = manifest["final"]["val_loss"]
+        finals[engine + " layout"] = {k: v for k, v in layout.items() if not k[1].startswith("gradient/")}
+        # b_simple is left out while the averaged |G|² is not positive: it may be in one only.
+        finals[engine + " tags"] = {k for k in layout if "b_simple" not in k[1]}
+    assert finals["fused layout"] == finals["keras layout"]
+    assert finals["fused tags"] == finals["keras tags"]
+    for name, loss in finals["fused"].items():
+        assert loss == pytest.approx(finals["keras"][name], rel=0.25)
