@@ -3,9 +3,10 @@
     python -m bench.noise_overhead               # the lab grid, every run twice (long)
     python -m bench.noise_overhead --quick       # the lab grid on 6,000 images for 2 epochs
 
-Each run of the grid is trained twice in this one process, once with [gradient_noise]
-off and once with the experiment's settings (alternating, so both sides see the same
-machine state), with the trainer's own `train_run`. Prints the per-batch-size times and
+Each pack of the grid (the runs the fused engine trains together; one run with the Keras
+engine) is trained twice in this one process, once with [gradient_noise] off and once
+with the experiment's settings (alternating, so both sides see the same machine state),
+as the trainer trains it. Prints the per-batch-size times and
 measurement counts; the last line is `gradient noise overhead: <percent>%`.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
     import tensorflow as tf
 
     from trainer import data as datasets
-    from trainer.run import train_run
+    from trainer.executors import train_runs
     from trainer.spec import load_experiment
 
     tf.get_logger().setLevel("ERROR")
@@ -45,17 +46,21 @@ def main(argv=None) -> int:
     seconds = {side: defaultdict(float) for side in sides}
     measurements: dict[int, int] = defaultdict(int)
     with tempfile.TemporaryDirectory(prefix="bench-noise-") as tmp:
-        for i, spec in enumerate(exp.runs):
-            order = ("off", "on") if i % 2 == 0 else ("on", "off")
+        packs = exp.packs(list(range(len(exp.runs))))
+        for k, pack in enumerate(packs):
+            specs = [exp.runs[i] for i in pack]
+            order = ("off", "on") if k % 2 == 0 else ("on", "off")
             for side in order:
-                run_dir = Path(tmp) / side / exp.run_name(spec)
+                run_dirs = [Path(tmp) / side / exp.run_name(spec) for spec in specs]
                 t0 = time.perf_counter()
-                manifest = train_run(sides[side], spec, data, run_dir)
-                seconds[side][spec.batch_size] += time.perf_counter() - t0
-                assert manifest["status"] == "complete", manifest.get("error")
-                if side == "on":
-                    measurements[spec.batch_size] += manifest["gradient_noise"]["measurements"]
-            print(f"run {i + 1}/{len(exp.runs)} {exp.run_name(spec)} done", file=sys.stderr, flush=True)
+                manifests = train_runs(sides[side], specs, data, run_dirs)
+                seconds[side][specs[0].batch_size] += time.perf_counter() - t0
+                for manifest in manifests:
+                    assert manifest["status"] == "complete", manifest.get("error")
+                    if side == "on":
+                        measurements[specs[0].batch_size] += manifest["gradient_noise"]["measurements"]
+            print(f"pack {k + 1}/{len(packs)} ({len(pack)} runs, batch {specs[0].batch_size}) done",
+                  file=sys.stderr, flush=True)
     print(f"{exp.name}{' (quick)' if args.quick else ''}: {len(exp.runs)} runs × 2 on {len(data.x_train)} "
           f"train images; [gradient_noise] every={on.every} small_batch={on.small_batch} "
           f"batches={on.batches} (B_big={on.big_batch})")

@@ -55,10 +55,19 @@ def init_worker(threads: int | None) -> None:
     _threads_set = True
 
 
+def _data_key(experiment) -> tuple:
+    return experiment.dataset, experiment.validation, experiment.limit, experiment.data_path
+
+
+def share_dataset(experiment, data) -> None:
+    """Runs trained in this process reuse `data` (the grid loaded it already)."""
+    _data_cache[_data_key(experiment)] = data
+
+
 def _dataset(experiment, allow_download: bool):
     from trainer import data as datasets
 
-    key = (experiment.dataset, experiment.validation, experiment.limit, experiment.data_path)
+    key = _data_key(experiment)
     if key not in _data_cache:  # each worker process loads the data once, not once per run
         _data_cache[key] = datasets.load(experiment.dataset, validation=experiment.validation,
                                          limit=experiment.limit, path=experiment.data_path,
@@ -101,7 +110,7 @@ def train_one(task: Task) -> list[dict]:
             print(f"{label}: start", flush=True)
             todo.append(result)
         if todo:
-            manifests = _train(experiment, [experiment.runs[r["index"]] for r in todo], data,
+            manifests = train_runs(experiment, [experiment.runs[r["index"]] for r in todo], data,
                                [exp_dir / r["name"] for r in todo], task.verbose)
             keys = ("status", "wall_seconds", "final", "error", "disk_error")
             results += [{**r, **{k: m.get(k) for k in keys}} for r, m in zip(todo, manifests)]
@@ -111,7 +120,7 @@ def train_one(task: Task) -> list[dict]:
     return results
 
 
-def _train(experiment, specs, data, run_dirs, verbose) -> list[dict]:
+def train_runs(experiment, specs, data, run_dirs, verbose: int = 0) -> list[dict]:
     """Final manifests of `specs` trained into `run_dirs`: a pack on the fused engine, or
     one run with `model.fit`."""
     try:

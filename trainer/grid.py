@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TextIO
 
 from trainer import data as datasets
-from trainer.executors import EXECUTORS, Task, run_local, run_ray
+from trainer.executors import EXECUTORS, Task, run_local, run_ray, share_dataset
 from trainer.manifest import write_json_atomic
 from trainer.run import DISK_ERRORS, is_reusable, run_config
 from trainer.spec import Experiment, RunSpec
@@ -101,6 +101,7 @@ def run_grid(experiment: Experiment, *, logdir: Path, verbose: int = 0,
     data = datasets.load(experiment.dataset, validation=experiment.validation,
                          limit=experiment.limit, path=experiment.data_path,
                          allow_download=allow_download)
+    share_dataset(experiment, data)
     d = data.describe()
     print(f"{experiment.name}: {len(experiment.runs)} runs on {d['name']} from {d['source']} "
           f"({d['train_examples']} train / {d['validation_examples']} validation, {d['validation']})",

@@ -106,11 +106,14 @@ class PackedMLP:
 
         views += [normed_view] * (2 * len(self.norms))
         self._views = views
-        self.train_chunk = tf.function(self._train_chunk, jit_compile=jit_compile)
-        self.evaluate_chunk = tf.function(self._evaluate_chunk, jit_compile=jit_compile)
+        # autograph=False: the loops are written as tf.while_loop, and converting Keras'
+        # optimizer code with autograph would cost ≈1 s of tracing per pack.
+        self.train_chunk = tf.function(self._train_chunk, jit_compile=jit_compile, autograph=False)
+        # Evaluation runs once an epoch: XLA's compilation (≈0.4 s) would cost more than it saves.
+        self.evaluate_chunk = tf.function(self._evaluate_chunk, autograph=False)
         # Not compiled with XLA: called a few dozen times per run, its compilation (≈2 s
         # at batch 64) would cost more than it saves (≈0.01 s a call).
-        self.probe = tf.function(self._probe)
+        self.probe = tf.function(self._probe, autograph=False)
 
     @property
     def steps(self) -> int:
@@ -159,10 +162,8 @@ class PackedMLP:
         """`n_steps` training steps on the rows idx[i, :counts[i]]: per step and member the
         loss [steps, members], and per member the summed loss × examples and right answers."""
         batch = tf.shape(idx)[1]
-        losses = tf.zeros([tf.shape(idx)[0], self.members])
-        loss_sum = tf.zeros([self.members])
-        right_sum = tf.zeros([self.members])
-        for i in tf.range(n_steps):
+
+        def step(i, losses, loss_sum, right_sum):
             count = tf.cast(counts[i], tf.float32)
             weight = tf.cast(tf.range(batch) < counts[i], tf.float32)
             x, y = tf.gather(x_all, idx[i]), tf.gather(y_all, idx[i])
@@ -172,8 +173,12 @@ class PackedMLP:
                 total = tf.reduce_sum(loss)
             self.optimizer.apply(tape.gradient(total, self.trainable), self.trainable)
             losses = tf.tensor_scatter_nd_update(losses, [[i]], loss[None])
-            loss_sum += loss * count
-            right_sum += right
+            return i + 1, losses, loss_sum + loss * count, right_sum + right
+
+        zeros = tf.zeros([self.members])
+        _, losses, loss_sum, right_sum = tf.while_loop(
+            lambda i, *_: i < n_steps, step,
+            (tf.constant(0), tf.zeros([tf.shape(idx)[0], self.members]), zeros, zeros))
         return losses, loss_sum, right_sum
 
     def _evaluate_chunk(self, x, y, weight):
@@ -200,12 +205,15 @@ class PackedMLP:
         """As `trainer.noise_probe.GradientProbe.measure`, per member: mean |G_small|² over
         the k batches xs[i], |G_big|² of their mean, and cosine(G of (x_one, y_one), G_big)."""
         k = tf.shape(xs)[0]
-        total = [tf.zeros(v.shape, tf.float64) for v in self.trainable]
-        squares = tf.zeros([self.members], tf.float64)
-        for i in tf.range(k):
+
+        def add(i, total, squares):
             g = self._gradient(xs[i], ys[i])
-            total = [t + gi for t, gi in zip(total, g)]
-            squares += self._dot(g, g)
+            return i + 1, [t + gi for t, gi in zip(total, g)], squares + self._dot(g, g)
+
+        _, total, squares = tf.while_loop(
+            lambda i, *_: i < k, add,
+            (tf.constant(0), [tf.zeros(v.shape, tf.float64) for v in self.trainable],
+             tf.zeros([self.members], tf.float64)))
         big = [t / tf.cast(k, tf.float64) for t in total]
         one = self._gradient(x_one, y_one)
         big_sq = self._dot(big, big)
@@ -261,10 +269,10 @@ class PackNoise:
             g2, trace = two_batch_estimate(float(small[j]), float(big[j]), s.small_batch, s.big_batch)
             ema.update(g2, trace)
             self.measurements[j] += 1
-            m = {"step": step, "G2": g2, "trace_sigma": trace, "b_simple": ema.b_simple,
-                 "noise_at_batch": ema.trace / self.batch_size, "cosine": float(cosine[j])}
-            self._write(j, {k: v for k, v in m.items() if k in STEP_TAGS}, step)
-            out.append(m)
+            out.append({"step": step, "G2": g2, "trace_sigma": trace, "b_simple": ema.b_simple,
+                        "noise_at_batch": ema.trace / self.batch_size, "cosine": float(cosine[j])})
+        for j, m in enumerate(out):
+            _write_scalars(self.writers[j], {PREFIX + t: m.get(t) for t in STEP_TAGS}, step)
         self.last = out
         return out
 
@@ -274,15 +282,10 @@ class PackNoise:
             last = self.measure(step, alive)
         for j, m in enumerate(last):
             if alive[j] and m:
-                values = {"epoch_noise_at_batch": m["noise_at_batch"], "epoch_cosine": m["cosine"],
-                          "loss_roughness": roughness(step_losses[:, j]), "epoch_b_simple": m["b_simple"]}
-                self._write(j, values, epoch)
-
-    def _write(self, j: int, values: dict, step: int) -> None:
-        with self.writers[j].as_default():
-            for tag, value in values.items():
-                if value is not None and math.isfinite(value):
-                    tf.summary.scalar(PREFIX + tag, value, step=step)
+                _write_scalars(self.writers[j], {
+                    PREFIX + "epoch_noise_at_batch": m["noise_at_batch"], PREFIX + "epoch_cosine": m["cosine"],
+                    PREFIX + "loss_roughness": roughness(step_losses[:, j]),
+                    PREFIX + "epoch_b_simple": m["b_simple"]}, epoch)
 
     def summary(self, j: int) -> dict:
         return {**self.settings.to_dict(), "measurements": self.measurements[j],
@@ -368,12 +371,17 @@ def train_pack(experiment: Experiment, specs: list[RunSpec], data: Dataset, run_
             val_loss, val_right = _evaluate(pack, data)
             n_train = len(data.x_train)
             for j in range(m):
-                if not alive[j]:
-                    continue
-                logs = {"loss": loss_sum[j] / n_train, "accuracy": right_sum[j] / n_train,
-                        "val_loss": val_loss[j], "val_accuracy": val_right[j]}
-                _write_epoch(writers[j], logs, epoch)
-                state["epochs"][j], state["final"][j] = epoch + 1, logs
+                if alive[j]:
+                    state["epochs"][j] = epoch + 1
+                    state["final"][j] = {"loss": float(loss_sum[j] / n_train), "accuracy": float(right_sum[j] / n_train),
+                                         "val_loss": float(val_loss[j]), "val_accuracy": float(val_right[j])}
+            # As trainer.tblog.EpochScalars: epoch_* in train/ and validation/ at the epoch index.
+            for j, final in enumerate(state["final"]):
+                if alive[j]:
+                    _write_scalars(writers[j]["train"], {"epoch_loss": final["loss"],
+                                                         "epoch_accuracy": final["accuracy"]}, epoch)
+                    _write_scalars(writers[j]["validation"], {"epoch_loss": final["val_loss"],
+                                                              "epoch_accuracy": final["val_accuracy"]}, epoch)
             if noise is not None:
                 noise.epoch_end(epoch, pack.steps, np.concatenate(epoch_losses), alive)
             for j in range(m):
@@ -412,15 +420,18 @@ def _record_divergence(losses: np.ndarray, step0: int, diverged_at: list) -> np.
 
 
 def _step_writer(writers):
-    @tf.function
     def write(losses, first_step, counts):
         for j, writer in enumerate(writers):
+            def one(i, j=j):
+                tf.summary.scalar(STEP_LOSS_TAG, losses[i, j], step=first_step + tf.cast(i, tf.int64))
+                return i + 1
+
             with writer.as_default():
-                for i in tf.range(counts[j]):
-                    # At the root name scope: inside the loop the tag would read "while/step_loss".
-                    with tf.compat.v1.get_default_graph().name_scope(None):
-                        tf.summary.scalar(STEP_LOSS_TAG, losses[i, j], step=first_step + tf.cast(i, tf.int64))
-    return write
+                # At the root name scope: inside the loop the tag would read "while/step_loss".
+                with tf.compat.v1.get_default_graph().name_scope(None):
+                    tf.while_loop(lambda i, j=j: i < counts[j], one, (tf.constant(0),))
+
+    return tf.function(write, autograph=False)
 
 
 def _evaluate(pack: PackedMLP, data: Dataset) -> tuple[np.ndarray, np.ndarray]:
@@ -441,10 +452,9 @@ def _evaluate(pack: PackedMLP, data: Dataset) -> tuple[np.ndarray, np.ndarray]:
     return loss / n, right / n
 
 
-def _write_epoch(writers: dict, logs: dict, epoch: int) -> None:
-    """As `trainer.tblog.EpochScalars`: train/ and validation/ epoch_* at the epoch index."""
-    for split, writer in writers.items():
-        with writer.as_default():
-            for key, value in logs.items():
-                if key.startswith("val_") == (split == "validation"):
-                    tf.summary.scalar(f"epoch_{key.removeprefix('val_')}", value, step=epoch)
+def _write_scalars(writer, values: dict, step: int) -> None:
+    """Each finite value; None (e.g. no B_simple yet) and non-finite values are left out."""
+    with writer.as_default():
+        for tag, value in values.items():
+            if value is not None and math.isfinite(value):
+                tf.summary.scalar(tag, value, step=step)
