@@ -75,9 +75,9 @@ def _dataset(experiment, allow_download: bool):
     return _data_cache[key]
 
 
-def train_one(task: Task) -> list[dict]:
+def train_one(task: Task, prepared=None) -> list[dict]:
     """Train a task's runs under their locks; a summary per run (`status` "busy" or
-    "skipped" when another trainer holds or finished it)."""
+    "skipped" when another trainer holds or finished it). `prepared`: see `prepare_task`."""
     from trainer.lock import RunLock, describe_owner, try_lock
     from trainer.run import is_reusable, run_config
 
@@ -111,7 +111,7 @@ def train_one(task: Task) -> list[dict]:
             todo.append(result)
         if todo:
             manifests = train_runs(experiment, [experiment.runs[r["index"]] for r in todo], data,
-                               [exp_dir / r["name"] for r in todo], task.verbose)
+                                   [exp_dir / r["name"] for r in todo], task.verbose, prepared=prepared)
             keys = ("status", "wall_seconds", "final", "error", "disk_error")
             results += [{**r, **{k: m.get(k) for k in keys}} for r, m in zip(todo, manifests)]
     finally:
@@ -120,14 +120,14 @@ def train_one(task: Task) -> list[dict]:
     return results
 
 
-def train_runs(experiment, specs, data, run_dirs, verbose: int = 0) -> list[dict]:
+def train_runs(experiment, specs, data, run_dirs, verbose: int = 0, prepared=None) -> list[dict]:
     """Final manifests of `specs` trained into `run_dirs`: a pack on the fused engine, or
     one run with `model.fit`."""
     try:
         if experiment.engine_of(specs[0]) == "fused":
             from trainer.packed import train_pack
 
-            return train_pack(experiment, specs, data, run_dirs)
+            return train_pack(experiment, specs, data, run_dirs, prepared=prepared)
         from trainer.run import train_run
 
         (spec,), (run_dir,) = specs, run_dirs
@@ -138,11 +138,45 @@ def train_runs(experiment, specs, data, run_dirs, verbose: int = 0) -> list[dict
         return [{"status": "failed", "error": f"OSError: {exc.strerror}", "disk_error": True}] * len(specs)
 
 
+def prepare_task(task: Task):
+    """The fused engine's pack for `task`, built and compiled (None for a Keras run, or if
+    preparing failed: training then builds it and reports any error as usual)."""
+    experiment = task.experiment
+    specs = [experiment.runs[i] for i in task.indices]
+    if experiment.engine_of(specs[0]) != "fused":
+        return None
+    try:
+        from trainer.packed import prepare
+
+        return prepare(experiment, specs, _dataset(experiment, task.allow_download))
+    except Exception:  # noqa: BLE001 - an optimization only; train_pack reports the error
+        return None
+
+
+def _run_here(tasks: list[Task]) -> Iterator[dict]:
+    """Tasks in this process, one after another, each next pack prepared in a thread while
+    the current one trains: TensorFlow releases the GIL while it computes, and tracing and
+    XLA compilation (1–3 s a pack) mostly use one core, so they overlap with training."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not tasks:
+        return
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+    try:
+        upcoming = pool.submit(prepare_task, tasks[0])
+        for k, task in enumerate(tasks):
+            prepared = upcoming.result()
+            if k + 1 < len(tasks):
+                upcoming = pool.submit(prepare_task, tasks[k + 1])
+            yield from train_one(task, prepared)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def run_local(tasks: list[Task], *, workers: int, threads: int | None) -> Iterator[dict]:
     """Tasks in this process (workers=1) or in a pool of `workers` processes."""
     if workers <= 1:
-        for task in tasks:
-            yield from train_one(task)
+        yield from _run_here(tasks)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed

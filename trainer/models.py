@@ -33,6 +33,13 @@ class StepLossModel(keras.Model):
 def build_model(spec: RunSpec, *, input_shape: tuple[int, ...], classes: int) -> StepLossModel:
     """The same spec and seed give the same initial weights."""
     counter = iter(range(10_000))
+    made: dict[str, int] = {}
+
+    def name(kind: str) -> str:
+        # Keras' own naming (dense, dense_1, …) without its global counter: the names do
+        # not depend on what else this process (or thread) built before.
+        made[kind] = made.get(kind, -1) + 1
+        return kind if made[kind] == 0 else f"{kind}_{made[kind]}"
 
     def init():
         # One explicit seed per layer, so the weights do not depend on what ran before.
@@ -40,31 +47,32 @@ def build_model(spec: RunSpec, *, input_shape: tuple[int, ...], classes: int) ->
         return cls(seed=spec.seed * 10_000 + next(counter))
 
     def dense(units, activation):
-        return keras.layers.Dense(units, activation=activation, kernel_initializer=init())
+        return keras.layers.Dense(units, activation=activation, kernel_initializer=init(), name=name("dense"))
 
     inputs = keras.Input(shape=input_shape, name="image")
     x = inputs
     if spec.architecture == "cnn":
         # Document 000: Conv2D(32, 3, relu) → MaxPool → Flatten → Dense(128, relu) → Dense(10).
-        x = keras.layers.Reshape(input_shape + (1,))(x) if len(input_shape) == 2 else x
-        x = keras.layers.Conv2D(32, 3, activation=spec.activation, kernel_initializer=init())(x)
+        x = keras.layers.Reshape(input_shape + (1,), name=name("reshape"))(x) if len(input_shape) == 2 else x
+        x = keras.layers.Conv2D(32, 3, activation=spec.activation, kernel_initializer=init(),
+                                name=name("conv2d"))(x)
         if spec.batch_norm:
-            x = keras.layers.BatchNormalization()(x)
-        x = keras.layers.MaxPooling2D()(x)
-        x = keras.layers.Flatten()(x)
+            x = keras.layers.BatchNormalization(name=name("batch_normalization"))(x)
+        x = keras.layers.MaxPooling2D(name=name("max_pooling2d"))(x)
+        x = keras.layers.Flatten(name=name("flatten"))(x)
         hidden = spec.hidden
     elif spec.architecture == "linear":
         # Document 002: a one-unit linear bottleneck in front of the softmax.
-        x = keras.layers.Flatten()(x)
+        x = keras.layers.Flatten(name=name("flatten"))(x)
         hidden = ()
         x = dense(1, "linear")(x)
     else:
-        x = keras.layers.Flatten()(x)
+        x = keras.layers.Flatten(name=name("flatten"))(x)
         hidden = spec.hidden
     for units in hidden:
         x = dense(units, spec.activation)(x)
         if spec.batch_norm:  # after each hidden Dense, as in document 003
-            x = keras.layers.BatchNormalization()(x)
+            x = keras.layers.BatchNormalization(name=name("batch_normalization"))(x)
     outputs = dense(classes, "softmax")(x)
     model = StepLossModel(inputs=inputs, outputs=outputs, name=spec.architecture)
     return model

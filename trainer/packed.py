@@ -66,9 +66,8 @@ class PackedMLP:
         self.activation = keras.activations.get("linear" if first.architecture == "linear" else first.activation)
         self.summaries = []
         dense, norms = [], []
+        self.specs = list(specs)
         for spec in specs:
-            # Layer names as in a run trained alone; no garbage collection (0.15 s) per member.
-            keras.backend.clear_session(free_memory=False)
             model = build_model(spec, input_shape=input_shape, classes=classes)
             self.summaries.append(summarize(model))
             dense.append([(l.kernel.numpy(), l.bias.numpy()) for l in model.layers
@@ -114,6 +113,24 @@ class PackedMLP:
         # Not compiled with XLA: called a few dozen times per run, its compilation (≈2 s
         # at batch 64) would cost more than it saves (≈0.01 s a call).
         self.probe = tf.function(self._probe, autograph=False)
+
+    def warm_up(self, experiment: Experiment, data: Dataset) -> None:
+        """Trace and compile every function with the shapes training will use, changing no
+        state (zero steps; evaluation and probes only read), so that this can run in a
+        thread while another pack trains."""
+        x, y = train_tensors(data)
+        chunk, batch = experiment.steps_per_execution, self.specs[0].batch_size
+        self.train_chunk(x, y, np.zeros((chunk, batch), np.int32), np.zeros(chunk, np.int32),
+                         tf.constant(0, tf.int32))
+        rows = min(EVAL_CHUNK, len(data.x_val))
+        self.evaluate_chunk(np.zeros((rows, self.inputs), np.float32), np.zeros(rows, data.y_val.dtype),
+                            np.ones(rows, np.float32))
+        s = experiment.gradient_noise
+        if s.enabled and s.big_batch <= len(data.x_train):
+            one = min(batch, len(data.x_train))
+            self.probe(np.zeros((s.batches, s.small_batch, self.inputs), np.float32),
+                       np.zeros((s.batches, s.small_batch), data.y_train.dtype),
+                       np.zeros((one, self.inputs), np.float32), np.zeros(one, data.y_train.dtype))
 
     @property
     def steps(self) -> int:
@@ -221,6 +238,30 @@ class PackedMLP:
         return squares / tf.cast(k, tf.float64), big_sq, cosine
 
 
+_TENSORS: dict[int, tuple] = {}
+
+
+def train_tensors(data: Dataset) -> tuple[tf.Tensor, tf.Tensor]:
+    """The training arrays as tensors [examples, inputs] and [examples], made once per
+    dataset and shared by every pack this process trains."""
+    entry = _TENSORS.get(id(data))
+    if entry is None or entry[0] is not data:
+        _TENSORS.clear()
+        entry = (data, tf.constant(data.x_train.reshape(len(data.x_train), -1)), tf.constant(data.y_train))
+        _TENSORS[id(data)] = entry
+    return entry[1], entry[2]
+
+
+def prepare(experiment: Experiment, specs: list[RunSpec], data: Dataset) -> PackedMLP:
+    """A pack built and compiled, ready for `train_pack(..., prepared=)`; the grid runs this
+    for the next pack while the current one trains (tracing and XLA compilation take
+    1–3 s a pack, mostly on one core)."""
+    specs = sorted(specs, key=lambda s: s.uses_batch_norm)
+    pack = PackedMLP(specs, input_shape=data.x_train.shape[1:], classes=int(data.y_train.max()) + 1)
+    pack.warm_up(experiment, data)
+    return pack
+
+
 def _batches(n: int, batch: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """An epoch's shuffled batches as indices [steps, batch] (the last padded) and row counts."""
     order = np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
@@ -293,9 +334,10 @@ class PackNoise:
 
 
 def train_pack(experiment: Experiment, specs: list[RunSpec], data: Dataset, run_dirs: list[Path], *,
-               jit_compile: bool = True) -> list[dict]:
+               prepared: PackedMLP | None = None) -> list[dict]:
     """Train the runs `specs` (one pack) from scratch into `run_dirs`; their final manifests,
-    in the order given. A KeyboardInterrupt marks every member interrupted and propagates."""
+    in the order given. `prepared`: from `prepare`, used if it holds exactly these runs.
+    A KeyboardInterrupt marks every member interrupted and propagates."""
     order = sorted(range(len(specs)), key=lambda j: specs[j].uses_batch_norm)
     specs, run_dirs = [specs[j] for j in order], [run_dirs[j] for j in order]
     first, m = specs[0], len(specs)
@@ -324,13 +366,14 @@ def train_pack(experiment: Experiment, specs: list[RunSpec], data: Dataset, run_
         return [out[order.index(j)] for j in range(m)]
 
     try:
-        pack = PackedMLP(specs, input_shape=data.x_train.shape[1:], classes=int(data.y_train.max()) + 1,
-                         jit_compile=jit_compile)
+        if prepared is not None and prepared.specs == specs and prepared.steps == 0:
+            pack = prepared
+        else:
+            pack = PackedMLP(specs, input_shape=data.x_train.shape[1:], classes=int(data.y_train.max()) + 1)
         for manifest, summary, spec, d in zip(manifests, pack.summaries, specs, run_dirs):
             manifest["model"] = summary
             write_run_hparams(d, spec, trial_id=d.name)
-        x_train = tf.constant(data.x_train.reshape(len(data.x_train), -1))
-        y_train = tf.constant(data.y_train)
+        x_train, y_train = train_tensors(data)
         x_flat = data.x_train.reshape(len(data.x_train), -1)
         if experiment.gradient_noise.enabled:
             noise = PackNoise(experiment.gradient_noise, pack, x=x_flat, y=data.y_train,
@@ -423,13 +466,13 @@ def _step_writer(writers):
     def write(losses, first_step, counts):
         for j, writer in enumerate(writers):
             def one(i, j=j):
-                tf.summary.scalar(STEP_LOSS_TAG, losses[i, j], step=first_step + tf.cast(i, tf.int64))
+                # At the root name scope: inside the loop the tag would read "while/step_loss".
+                with tf.compat.v1.get_default_graph().name_scope(None):
+                    tf.summary.scalar(STEP_LOSS_TAG, losses[i, j], step=first_step + tf.cast(i, tf.int64))
                 return i + 1
 
             with writer.as_default():
-                # At the root name scope: inside the loop the tag would read "while/step_loss".
-                with tf.compat.v1.get_default_graph().name_scope(None):
-                    tf.while_loop(lambda i, j=j: i < counts[j], one, (tf.constant(0),))
+                tf.while_loop(lambda i, j=j: i < counts[j], one, (tf.constant(0),))
 
     return tf.function(write, autograph=False)
 
