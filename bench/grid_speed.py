@@ -5,8 +5,9 @@
 
 The documents' way: one process, default threads, runs one after another, each a plain
 `keras.Model` compiled with defaults and fitted with `keras.callbacks.TensorBoard`.
-Ours: `python -m trainer` as a user runs it (steps per execution from the experiment
-file, exact per-step losses written in-graph, `--workers`). Both start as fresh
+Ours: `python -m trainer` as `make train` runs it (the fused engine: the runs that share
+a data order trained as one XLA program, exact per-step losses, gradient-noise
+measurement on as in the experiment file; `--workers` as given, default 1). Both start as fresh
 processes, so both pay TensorFlow's start-up. The last line is `speedup: <ratio>x`.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench.grid_speed", description=__doc__.splitlines()[0])
     p.add_argument("--experiment", default="lab")
     p.add_argument("--quick", action="store_true", help=f"reduced variant: {QUICK}")
-    p.add_argument("--workers", type=int, default=2, help="our side's --workers (default 2)")
+    p.add_argument("--workers", type=int, default=1, help="our side's --workers (default 1, as make train)")
     p.add_argument("--data", help="as for the trainer: a .npz or IDX folder")
     p.add_argument("--baseline-into", help=argparse.SUPPRESS)  # internal: run the plain side here
     return p.parse_args(argv)

@@ -143,7 +143,8 @@ def test_sigkill_at_any_moment_loses_nothing(tmp_path, synthetic_npz, smoke):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupt_marks_the_current_run_and_exits_130(tmp_path, synthetic_npz, sig):
     # Started as a non-interactive shell starts a background job: SIGINT inherited ignored.
-    proc = subprocess.Popen(trainer_cmd(synthetic_npz, tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
+    # 200 epochs: a pack trains for seconds, so the signal lands while one is training.
+    proc = subprocess.Popen(trainer_cmd(synthetic_npz, tmp_path, "--epochs", "200"), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env_with(),
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     wait_for_line(proc, "run 2/8")
