@@ -10,6 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.noise import EPOCH_TAGS, PREFIX, STEP_TAGS, NoiseScaleEMA, two_batch_estimate
+from trainer.tblog import write_scalars
 
 
 class GradientProbe:
@@ -163,10 +164,7 @@ class GradientNoise(keras.callbacks.Callback):
         return m
 
     def _write(self, values: dict, step: int) -> None:
-        with self.writer.as_default():
-            for tag, value in values.items():
-                if value is not None and math.isfinite(value):
-                    tf.summary.scalar(PREFIX + tag, value, step=step)
+        write_scalars(self.writer, {PREFIX + tag: value for tag, value in values.items()}, step)
 
     def summary(self) -> dict:
         """For run.json: the settings and how many measurements were taken."""

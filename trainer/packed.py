@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+import traceback
 from pathlib import Path
 
 import keras
@@ -36,7 +37,7 @@ from trainer.models import STEP_LOSS_TAG, build_model, make_optimizer, summarize
 from trainer.noise import EPOCH_TAGS, PREFIX, STEP_TAGS, NoiseScaleEMA, roughness, two_batch_estimate
 from trainer.run import SPLITS, _one_line, begin_run, finish_run
 from trainer.spec import Experiment, RunSpec
-from trainer.tblog import write_run_hparams
+from trainer.tblog import write_run_hparams, write_scalars
 
 # keras.layers.BatchNormalization's defaults, which build_model uses.
 BN_EPSILON, BN_MOMENTUM = 1e-3, 0.99
@@ -53,8 +54,7 @@ class PackedMLP:
     norm parameters [members, 1, units].
     """
 
-    def __init__(self, specs: list[RunSpec], *, input_shape: tuple[int, ...], classes: int,
-                 jit_compile: bool = True):
+    def __init__(self, specs: list[RunSpec], *, input_shape: tuple[int, ...], classes: int):
         if [s.uses_batch_norm for s in specs] != sorted(s.uses_batch_norm for s in specs):
             raise ValueError("members with batch norm must come last")
         if len({s.pack_key() for s in specs}) != 1:
@@ -107,7 +107,7 @@ class PackedMLP:
         self._views = views
         # autograph=False: the loops are written as tf.while_loop, and converting Keras'
         # optimizer code with autograph would cost ≈1 s of tracing per pack.
-        self.train_chunk = tf.function(self._train_chunk, jit_compile=jit_compile, autograph=False)
+        self.train_chunk = tf.function(self._train_chunk, jit_compile=True, autograph=False)
         # Evaluation runs once an epoch: XLA's compilation (≈0.4 s) would cost more than it saves.
         self.evaluate_chunk = tf.function(self._evaluate_chunk, autograph=False)
         # Not compiled with XLA: called a few dozen times per run, its compilation (≈2 s
@@ -313,7 +313,7 @@ class PackNoise:
             out.append({"step": step, "G2": g2, "trace_sigma": trace, "b_simple": ema.b_simple,
                         "noise_at_batch": ema.trace / self.batch_size, "cosine": float(cosine[j])})
         for j, m in enumerate(out):
-            _write_scalars(self.writers[j], {PREFIX + t: m.get(t) for t in STEP_TAGS}, step)
+            write_scalars(self.writers[j], {PREFIX + t: m.get(t) for t in STEP_TAGS}, step)
         self.last = out
         return out
 
@@ -323,7 +323,7 @@ class PackNoise:
             last = self.measure(step, alive)
         for j, m in enumerate(last):
             if alive[j] and m:
-                _write_scalars(self.writers[j], {
+                write_scalars(self.writers[j], {
                     PREFIX + "epoch_noise_at_batch": m["noise_at_batch"], PREFIX + "epoch_cosine": m["cosine"],
                     PREFIX + "loss_roughness": roughness(step_losses[:, j]),
                     PREFIX + "epoch_b_simple": m["b_simple"]}, epoch)
@@ -421,9 +421,9 @@ def train_pack(experiment: Experiment, specs: list[RunSpec], data: Dataset, run_
             # As trainer.tblog.EpochScalars: epoch_* in train/ and validation/ at the epoch index.
             for j, final in enumerate(state["final"]):
                 if alive[j]:
-                    _write_scalars(writers[j]["train"], {"epoch_loss": final["loss"],
+                    write_scalars(writers[j]["train"], {"epoch_loss": final["loss"],
                                                          "epoch_accuracy": final["accuracy"]}, epoch)
-                    _write_scalars(writers[j]["validation"], {"epoch_loss": final["val_loss"],
+                    write_scalars(writers[j]["validation"], {"epoch_loss": final["val_loss"],
                                                               "epoch_accuracy": final["val_accuracy"]}, epoch)
             if noise is not None:
                 noise.epoch_end(epoch, pack.steps, np.concatenate(epoch_losses), alive)
@@ -438,8 +438,6 @@ def train_pack(experiment: Experiment, specs: list[RunSpec], data: Dataset, run_
         finish("interrupted")
         raise
     except Exception as exc:  # noqa: BLE001 - one failed pack must not stop the grid
-        import traceback
-
         for manifest in manifests:
             manifest["error"] = _one_line(exc)
             manifest["traceback"] = traceback.format_exc()
@@ -495,9 +493,3 @@ def _evaluate(pack: PackedMLP, data: Dataset) -> tuple[np.ndarray, np.ndarray]:
     return loss / n, right / n
 
 
-def _write_scalars(writer, values: dict, step: int) -> None:
-    """Each finite value; None (e.g. no B_simple yet) and non-finite values are left out."""
-    with writer.as_default():
-        for tag, value in values.items():
-            if value is not None and math.isfinite(value):
-                tf.summary.scalar(tag, value, step=step)

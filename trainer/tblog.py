@@ -74,6 +74,14 @@ def write_run_status(run_dir: Path, status: str, detail: str = "") -> None:
     writer.close()
 
 
+def write_scalars(writer, values: dict, step: int) -> None:
+    """Each finite value; None (e.g. no B_simple yet) and non-finite values are left out."""
+    with writer.as_default():
+        for tag, value in values.items():
+            if value is not None and math.isfinite(value):
+                tf.summary.scalar(tag, value, step=step)
+
+
 class EpochScalars(keras.callbacks.Callback):
     """Writes `epoch_*` scalars to train/ and validation/ (step = epoch index, from 0).
 
