@@ -28,13 +28,21 @@ def data():
     return x, y
 
 
-def train_packed(specs, x, y, *, epochs=1, poison=None):
-    """A PackedMLP trained over `epochs` shuffled epochs; per step and member the loss."""
-    import tensorflow as tf
+def dataset(x, y):
+    from trainer.data import Dataset
 
+    return Dataset("synthetic", "test", x, y, x[:250], y[:250], "test")
+
+
+def train_packed(specs, x, y, *, epochs=1, poison=None, pack=None):
+    """A PackedMLP (with a gradient probe of 4 × 32 and 32 rows; `pack` if given, loaded
+    with `specs`) trained over `epochs` shuffled epochs; per step and member the loss."""
     from trainer.packed import PackedMLP, _batches
 
-    pack = PackedMLP(specs, input_shape=SHAPE, classes=CLASSES)
+    if pack is None:
+        pack = PackedMLP(specs, input_shape=SHAPE, classes=CLASSES, probe=(4, 32, 32))
+    else:
+        pack.load(specs, (4, 32, 32))
     if poison is not None:  # member `poison`'s first-layer weights become NaN
         units = pack.units[0]
         k = pack.kernels[0].numpy()
@@ -43,10 +51,9 @@ def train_packed(specs, x, y, *, epochs=1, poison=None):
     losses, rights = [], []
     for epoch in range(epochs):
         idx, counts = _batches(N, BATCH, specs[0].seed, epoch)
-        out, _, right = pack.train_chunk(tf.constant(x.reshape(N, -1)), tf.constant(y), idx, counts,
-                                         tf.constant(len(counts)))
-        losses.append(out.numpy())
-        rights.append(right.numpy())
+        out = pack.run_chunk(dataset(x, y), idx, counts, len(counts))
+        losses.append(out["losses"])
+        rights.append(out["right_sum"])
     return pack, np.concatenate(losses), np.sum(rights, axis=0)
 
 
@@ -97,14 +104,15 @@ def test_each_member_trains_as_keras_trains_it_alone(trained):
     assert pack.steps == 2 * math.ceil(N / BATCH)
 
 
-def test_validation_matches_keras_evaluate(trained, data):
-    from trainer.data import Dataset
-    from trainer.packed import _evaluate
+def test_validation_matches_keras_evaluate(trained, data, monkeypatch):
+    import trainer.packed
 
     specs, pack, _, _, keras_runs = trained
     x, y = data
-    val = Dataset("synthetic", "test", x, y, x[:250], y[:250], "test")
-    loss, accuracy = _evaluate(pack, val)
+    monkeypatch.setattr(trainer.packed, "EVAL_CHUNK", 64)  # 250 rows: 3 whole chunks and a padded one
+    trainer.packed._TENSORS.clear()
+    out = pack.run_chunk(dataset(x, y), np.zeros((1, BATCH), np.int32), np.zeros(1, np.int32), 0, validate=True)
+    loss, accuracy = out["val_loss"], out["val_accuracy"]
     for j, (model, _, _) in enumerate(keras_runs):
         ref = model.evaluate(x[:250], y[:250], batch_size=64, verbose=0, return_dict=True)
         assert loss[j] == pytest.approx(ref["loss"], rel=1e-5)
@@ -116,8 +124,10 @@ def test_gradient_probe_matches_the_single_model_probe(trained, data):
 
     specs, pack, _, _, keras_runs = trained
     x, y = data
-    xs, ys = x[:128].reshape(4, 32, -1), y[:128].reshape(4, 32)
-    small, big, cosine = (t.numpy() for t in pack.probe(xs, ys, x[200:232].reshape(32, -1), y[200:232]))
+    ys = y[:128].reshape(4, 32)
+    rows, one = np.arange(128).reshape(4, 32), np.arange(200, 232)
+    out = pack.run_chunk(dataset(x, y), np.zeros((1, BATCH), np.int32), np.zeros(1, np.int32), 0, probe=(rows, one))
+    small, big, cosine = out["probe"]
     for j, (model, _, _) in enumerate(keras_runs):
         ref = GradientProbe(model, specs[j].loss).measure(x[:128].reshape((4, 32) + SHAPE), ys,
                                                           x[200:232], y[200:232])
@@ -132,6 +142,36 @@ def test_a_member_does_not_depend_on_its_pack_mates(data):
     _, together, _ = train_packed(specs, x, y, poison=0)  # member 0 starts with NaN weights
     np.testing.assert_allclose(together[:, 2], alone, rtol=1e-5, atol=1e-6)
     assert np.isnan(together[:, 0]).all() and np.isfinite(together[:, 1:]).all()
+
+
+def test_a_reused_pack_trains_as_a_new_one(data):
+    """Loading other runs into a pack that has trained (weights, optimizer state and
+    batch-norm statistics all moved) starts them exactly where a new pack starts them."""
+    x, y = data
+    pack, _, _ = train_packed(member_specs(), x, y, epochs=2)
+    later = member_specs(seed=1)
+    reused, reused_losses, reused_rights = train_packed(later, x, y, epochs=2, pack=pack)
+    assert reused is pack
+    _, new_losses, new_rights = train_packed(later, x, y, epochs=2)
+    np.testing.assert_allclose(reused_losses, new_losses, rtol=1e-6)
+    np.testing.assert_allclose(reused_rights, new_rights)
+    with pytest.raises(ValueError, match="same structure"):
+        pack.load(member_specs()[:3], None)  # 3 members: other variables
+
+
+def test_build_reuses_a_released_pack_of_the_same_structure(data, monkeypatch):
+    import trainer.packed as packed
+
+    monkeypatch.setattr(packed, "_FREE", [])
+    x, y = data
+    lab, ds = load_experiment("lab"), dataset(x, y)
+    first = packed.build(lab, [s for s in lab.runs if s.batch_size == 64], ds)
+    packed.release(first)
+    second = packed.build(lab, [s for s in lab.runs if s.batch_size == 128], ds)
+    assert second is first and {s.batch_size for s in second.specs} == {128}
+    assert packed.build(lab, [s for s in lab.runs if s.batch_size == 256], ds) is not first  # in use
+    packed.release(second)
+    assert packed.build(lab, [s for s in lab.runs if s.batch_size == 256][:2], ds) is not first  # 2 members
 
 
 def test_divergence_is_recorded_per_member_at_its_first_non_finite_step():
