@@ -65,6 +65,24 @@ def test_mnist_goes_to_keras_loader(monkeypatch, idx_dir, arrays):
     assert calls and ds.source.startswith("keras.datasets.mnist")
 
 
+def test_a_prefetched_dataset_is_the_one_load_returns(idx_dir, arrays, monkeypatch):
+    data.prefetch("mnist", validation="test", limit=30, path=str(idx_dir))
+    ds = data.load("mnist", validation="test", limit=30, path=str(idx_dir), allow_download=False)
+    assert len(ds.x_train) == 30 and not data._PREFETCHED  # taken, not read again
+    np.testing.assert_array_equal(ds.y_train, arrays["y_train"][:30])
+    # Only a download has MNIST here: the prefetch finds nothing, and load downloads as usual.
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", idx_dir)
+    import keras
+
+    monkeypatch.setattr(keras.datasets.mnist, "load_data", lambda: (
+        (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])))
+    data.prefetch("mnist", validation="test")
+    assert data.load("mnist", validation="test").source.startswith("keras.datasets.mnist")
+    data.prefetch("mnist", validation="test")
+    with pytest.raises(data.DatasetUnavailable):
+        data.load("mnist", validation="test", allow_download=False)
+
+
 def test_nothing_found_names_three_ways(monkeypatch, tmp_path):
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "absent")
 

@@ -89,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from trainer import data as datasets
+
+    datasets.prefetch(experiment.dataset, validation=experiment.validation, limit=experiment.limit,
+                      path=experiment.data_path)
     # Imported late: TensorFlow takes seconds to load, and a typo should fail fast.
     from trainer.data import DatasetUnavailable
     from trainer.executors import ExecutorUnavailable

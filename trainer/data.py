@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,9 +46,34 @@ class Dataset:
         }
 
 
+_PREFETCHED: dict[tuple, Future] = {}
+
+
+def prefetch(name: str, *, validation: float | str, limit: int | None = None, path: str | None = None) -> None:
+    """Start reading the dataset from local files in a thread: gzip and numpy release the
+    GIL, so the trainer reads it while it imports TensorFlow. `load` with the same
+    arguments takes the result (or, if only a download has the data, loads as usual)."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+    _PREFETCHED[(name, validation, limit, path)] = pool.submit(
+        _load, name, validation=validation, limit=limit, path=path, allow_download=False)
+    pool.shutdown(wait=False)
+
+
 def load(name: str, *, validation: float | str, limit: int | None = None,
          path: str | None = None, allow_download: bool = True) -> Dataset:
     """Find the raw arrays, scale pixels to [0, 1] (/255 as in the documents) and split."""
+    future = _PREFETCHED.pop((name, validation, limit, path), None)
+    if future is not None:
+        try:
+            return future.result()
+        except DatasetUnavailable:
+            if not allow_download:
+                raise
+    return _load(name, validation=validation, limit=limit, path=path, allow_download=allow_download)
+
+
+def _load(name: str, *, validation: float | str, limit: int | None, path: str | None,
+          allow_download: bool) -> Dataset:
     arrays, source = find_arrays(name, path=path, allow_download=allow_download)
     x_train, y_train, x_test, y_test = (arrays[k] for k in NPZ_KEYS)
     if limit is not None:
