@@ -692,14 +692,14 @@ class PackEvents:
         self.members = len(writers)
         self.tag_ids = {tag: i for i, tag in enumerate(EVENT_TAGS)}
         self.rows: list[tuple[int, int, float, int]] = []  # (stream, tag id, value, step)
-        # Streams: the members' train writers, then their validation writers. `_resource`
+        # Streams: per split (SPLITS order), the members' writers. `_resource`
         # is the handle `tf.summary.write` itself uses; TensorFlow has no public accessor.
-        self.handles = [w[split]._resource for split in ("train", "validation") for w in writers]
+        self.handles = [w[split]._resource for split in SPLITS for w in writers]
 
     def add(self, member: int, split: str, values: dict, step: int) -> None:
         """Scalars for one member's split ("train" or "validation") at `step`; None and
         non-finite values are left out, as `trainer.tblog.write_scalars` does."""
-        stream = member + (self.members if split == "validation" else 0)
+        stream = SPLITS.index(split) * self.members + member
         for tag, value in values.items():
             if value is not None and math.isfinite(value):
                 self.rows.append((stream, self.tag_ids[tag], float(value), int(step)))
@@ -709,7 +709,7 @@ class PackEvents:
         streams, tags, values, steps = [], [], [], []
         for j in range(self.members):
             n = int(counts[j])
-            streams.append(np.full(n, j))
+            streams.append(np.full(n, SPLITS.index("train") * self.members + j))
             tags.append(np.zeros(n, np.int32))
             values.append(losses[:n, j])
             steps.append(first_step + np.arange(n))
