@@ -109,6 +109,18 @@ class PackedMLP:
         # once.
         self.train_chunk = self.probe = None
 
+    def validator(self, t: "Tensors"):
+        """The validation pass for packs of this structure: one XLA program that takes the
+        weights as arguments, so it is compiled once per structure and process, not once
+        per batch size as it would be inside `train_chunk` (≈0.5 s of CPU each)."""
+        with _VALIDATE_LOCK:
+            if self.key not in _VALIDATE:
+                state = [tf.TensorSpec(v.shape, v.dtype) for v in self.state]
+                chunks = [tf.TensorSpec([None, None, *v.shape[2:]], v.dtype) for v in (t.x_val, t.y_val, t.w_val)]
+                _VALIDATE[self.key] = tf.function(self._validate, jit_compile=True, autograph=False,
+                                                  input_signature=[state, *chunks])
+            return _VALIDATE[self.key]
+
     def _start(self, specs: list[RunSpec], probe) -> list[np.ndarray]:
         """Take `specs` as the members: their initial values (kernels, biases, then per
         hidden layer gamma, beta, moving mean and variance of the normed members), as
@@ -160,8 +172,7 @@ class PackedMLP:
         self.train_chunk = tf.function(
             self._train_chunk, jit_compile=True, autograph=False,
             input_signature=[spec(t.x, 1), spec(t.y, 1), tf.TensorSpec([None, None], tf.int32),
-                             tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32),
-                             spec(t.x_val, 2), spec(t.y_val, 2), spec(t.w_val, 2), tf.TensorSpec([], tf.bool)])
+                             tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32)])
         # The probe is not compiled with XLA: its two backward passes in float64 add ≈0.9 s
         # to a pack's compilation, more than the ≈66 calls of a lab grid gain from it.
         self.probe = tf.function(
@@ -183,6 +194,8 @@ class PackedMLP:
                 k, small, one = self.probe_shape
                 jobs.append(helper.submit(self.probe, tf.zeros((k, small, self.inputs), t.x.dtype),
                                           tf.zeros((k, small), t.y.dtype), t.x[:one], t.y[:one]))
+            if self.key not in _VALIDATE:
+                jobs.append(helper.submit(self.validator(t), self.state, t.x_val, t.y_val, t.w_val))
             batch = self.specs[0].batch_size
             self.run_chunk(data, np.zeros((steps_per_execution, batch), np.int32),
                            np.zeros(steps_per_execution, np.int32), 0)
@@ -201,8 +214,9 @@ class PackedMLP:
         "val_loss", "val_accuracy" per member."""
         t = tensors(data)
         self._functions(t)
-        out = self.train_chunk(t.x, t.y, idx, counts, tf.constant(steps, tf.int32),
-                               t.x_val, t.y_val, t.w_val, tf.constant(validate))
+        out = self.train_chunk(t.x, t.y, idx, counts, tf.constant(steps, tf.int32))
+        if validate:
+            out["val_loss_sum"], out["val_right"] = self.validator(t)(self.state, t.x_val, t.y_val, t.w_val)
         out = {key: value.numpy() for key, value in out.items()}
         if probe is not None:
             if self.probe_shape is None:
@@ -210,8 +224,9 @@ class PackedMLP:
             rows, one = probe
             out["probe"] = tuple(v.numpy() for v in self.probe(
                 tf.gather(t.x, rows), tf.gather(t.y, rows), tf.gather(t.x, one), tf.gather(t.y, one)))
-        n_val = len(data.x_val)
-        out["val_loss"], out["val_accuracy"] = out.pop("val_loss_sum") / n_val, out.pop("val_right") / n_val
+        if validate:
+            n_val = len(data.x_val)
+            out["val_loss"], out["val_accuracy"] = out.pop("val_loss_sum") / n_val, out.pop("val_right") / n_val
         return out
 
     @property
@@ -220,21 +235,27 @@ class PackedMLP:
 
     # -- the model --------------------------------------------------------------------
 
-    def forward(self, x, weight, count, *, training: bool, update_statistics: bool = False):
+    def forward(self, x, weight, count, *, training: bool, update_statistics: bool = False, state=None):
         """Logits [members, batch, classes] for x [batch, inputs]; `weight` masks padding
-        rows (batch statistics and losses use only the `count` real ones)."""
-        h = self.activation(tf.matmul(x, self.kernels[0]) + self.biases[0])
+        rows (batch statistics and losses use only the `count` real ones). `state`: values
+        in the order of `self.state` to use instead of the variables (no statistics update)."""
+        kernels, biases, norms = self._unpack(state) if state is not None else (self.kernels, self.biases, self.norms)
+        h = self.activation(tf.matmul(x, kernels[0]) + biases[0])
         h = tf.transpose(tf.reshape(h, [-1, self.members, self.units[0]]), [1, 0, 2])
         for layer in range(len(self.units)):
             if layer:
-                h = self.activation(tf.matmul(h, self.kernels[layer]) + self.biases[layer])
-            h = self._batch_norm(h, layer, weight, count, training, update_statistics)
-        return tf.matmul(h, self.kernels[-1]) + self.biases[-1]
+                h = self.activation(tf.matmul(h, kernels[layer]) + biases[layer])
+            if self.normed:
+                h = self._batch_norm(h, norms[layer], weight, count, training, update_statistics)
+        return tf.matmul(h, kernels[-1]) + biases[-1]
 
-    def _batch_norm(self, h, layer, weight, count, training, update_statistics):
-        if not self.normed:
-            return h
-        gamma, beta, moving_mean, moving_var = self.norms[layer]
+    def _unpack(self, state):
+        layers = len(self.kernels)
+        rest = state[2 * layers:]
+        return state[:layers], state[layers:2 * layers], [rest[4 * i:4 * i + 4] for i in range(len(rest) // 4)]
+
+    def _batch_norm(self, h, norm, weight, count, training, update_statistics):
+        gamma, beta, moving_mean, moving_var = norm
         plain, normed = h[:self.members - self.normed], h[self.members - self.normed:]
         if training:
             w = weight[None, :, None]
@@ -257,9 +278,8 @@ class PackedMLP:
 
     # -- compiled functions -----------------------------------------------------------
 
-    def _train_chunk(self, x_all, y_all, idx, counts, n_steps, x_val, y_val, w_val, validate):
-        """`n_steps` training steps on the rows idx[i, :counts[i]], then the validation pass
-        if `validate`."""
+    def _train_chunk(self, x_all, y_all, idx, counts, n_steps):
+        """`n_steps` training steps on the rows idx[i, :counts[i]]."""
         batch = tf.shape(idx)[1]
 
         def step(i, losses, loss_sum, right_sum):
@@ -278,17 +298,15 @@ class PackedMLP:
         _, losses, loss_sum, right_sum = tf.while_loop(
             lambda i, *_: i < n_steps, step,
             (tf.constant(0), tf.zeros([tf.shape(idx)[0], self.members]), zeros, zeros))
-        out = {"losses": losses, "loss_sum": loss_sum, "right_sum": right_sum}
-        out["val_loss_sum"], out["val_right"] = tf.cond(
-            validate, lambda: self._validate(x_val, y_val, w_val), lambda: (zeros, zeros))
-        return out
+        return {"losses": losses, "loss_sum": loss_sum, "right_sum": right_sum}
 
-    def _validate(self, x_val, y_val, w_val):
+    def _validate(self, state, x_val, y_val, w_val):
         """Per member: the summed validation loss and right answers over the chunks
-        x_val[c] (inference mode: moving statistics; w_val masks the padding rows)."""
+        x_val[c] (inference mode: moving statistics; w_val masks the padding rows), for
+        the weights and statistics `state` (values in the order of `self.state`)."""
         def chunk(c, loss_sum, right_sum):
             count = tf.reduce_sum(w_val[c])
-            loss, right = self._losses(self.forward(x_val[c], w_val[c], count, training=False),
+            loss, right = self._losses(self.forward(x_val[c], w_val[c], count, training=False, state=state),
                                        y_val[c], w_val[c], count)
             return c + 1, loss_sum + loss * count, right_sum + right
 
@@ -340,6 +358,9 @@ class Tensors(NamedTuple):
 
 
 _TENSORS: dict[int, tuple[Dataset, Tensors]] = {}
+# The validation pass per structure_key (see `PackedMLP.validator`).
+_VALIDATE: dict[tuple, tf.types.experimental.PolymorphicFunction] = {}
+_VALIDATE_LOCK = threading.Lock()
 
 
 def tensors(data: Dataset) -> Tensors:
