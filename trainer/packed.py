@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -86,20 +86,27 @@ class PackedMLP:
         self.optimizer = make_optimizer(first)
         self.optimizer.build(self.trainable)
         self._optimizer_start = [v.numpy() for v in self.optimizer.variables]
-        # Per trainable variable: its elementwise product of two gradients summed per
-        # member, [members]. The first kernel is [inputs, members × units]: summed over
-        # inputs and units without a transpose; members without batch norm have no
-        # gamma or beta (0).
+        # Per trainable variable: its elementwise product of two gradients (float32) summed
+        # per member, [members] in float64: rows of at most a layer's width are summed in
+        # float32, and those partial sums in float64 (as exact as summing it all in float64
+        # to ≈1e-7, and ≈8 ms a probe faster). The first kernel is [inputs, members × units]:
+        # summed over inputs and units without a transpose; members without batch norm
+        # have no gamma or beta (0).
         first_units = self.units[0]
         def first_kernel(t):
-            return tf.reduce_sum(tf.reshape(t, [self.inputs, m, first_units]), axis=[0, 2])
+            rows = tf.reduce_sum(tf.reshape(t, [self.inputs, m, first_units]), axis=2)
+            return tf.reduce_sum(tf.cast(rows, tf.float64), axis=0)
+
+        def per_member(t, members):  # t: [members, …, width], or [members × width]
+            width = t.shape[-1] if t.shape.rank > 1 else t.shape[0] // members
+            rows = tf.reduce_sum(tf.reshape(t, [members, -1, width]), axis=2)
+            return tf.reduce_sum(tf.cast(rows, tf.float64), axis=1)
 
         def stacked(t):
-            return tf.reduce_sum(tf.reshape(t, [m, -1]), axis=1)
+            return per_member(t, m)
 
         def normed(t):
-            return tf.concat([tf.zeros([m - self.normed], t.dtype),
-                              tf.reduce_sum(tf.reshape(t, [self.normed, -1]), axis=1)], axis=0)
+            return tf.concat([tf.zeros([m - self.normed], tf.float64), per_member(t, self.normed)], axis=0)
 
         self._member_sums = ([first_kernel] + [stacked] * (len(self.kernels) - 1)
                              + [stacked] * len(self.biases) + [normed] * (2 * len(self.norms)))
@@ -108,6 +115,7 @@ class PackedMLP:
         # serves every pack this object trains (`load`), and XLA compiles each batch size
         # once.
         self.train_chunk = self.probe = None
+        self._pending: dict[str, Future] = {}  # see warm_up
 
     def validator(self, t: "Tensors"):
         """The validation pass for packs of this structure: one XLA program that takes the
@@ -173,7 +181,7 @@ class PackedMLP:
             self._train_chunk, jit_compile=True, autograph=False,
             input_signature=[spec(t.x, 1), spec(t.y, 1), tf.TensorSpec([None, None], tf.int32),
                              tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32)])
-        # The probe is not compiled with XLA: its two backward passes in float64 add ≈0.9 s
+        # The probe is not compiled with XLA: its backward passes add ≈0.9 s
         # to a pack's compilation, more than the ≈66 calls of a lab grid gain from it.
         self.probe = tf.function(
             self._probe, autograph=False,
@@ -183,26 +191,36 @@ class PackedMLP:
     def warm_up(self, data: Dataset, steps_per_execution: int) -> None:
         """Trace and compile the functions with the shapes training will use, changing no
         state (zero steps; the probe only reads), so that this can run in a thread while
-        another pack trains. The Python tracing of the probe and of the event writer runs
-        in a helper thread while XLA compiles the training program (C++, without the GIL)."""
+        another pack trains. What training needs only after its first steps (the probe,
+        the validation pass, the event writer) is traced in the background thread, while
+        XLA compiles the training program here (C++, without the GIL) and on into the
+        pack's training; `run_chunk` waits for it where it is used."""
         t = tensors(data)
         self._functions(t)
-        helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-up")
-        try:
-            jobs = [helper.submit(warm_up_events, self.members)]
-            if self.probe_shape is not None:
-                k, small, one = self.probe_shape
-                jobs.append(helper.submit(self.probe, tf.zeros((k, small, self.inputs), t.x.dtype),
-                                          tf.zeros((k, small), t.y.dtype), t.x[:one], t.y[:one]))
-            if self.key not in _VALIDATE:
-                jobs.append(helper.submit(self.validator(t), self.state, t.x_val, t.y_val, t.w_val))
-            batch = self.specs[0].batch_size
-            self.run_chunk(data, np.zeros((steps_per_execution, batch), np.int32),
-                           np.zeros(steps_per_execution, np.int32), 0)
-            for job in jobs:
-                job.result()
-        finally:
-            helper.shutdown()
+        _BACKGROUND.submit(warm_up_events, self.members)  # the writing thread waits for it if need be
+        self._pending = {"validate": _BACKGROUND.submit(self._warm_up_validator, t)}
+        if self.probe_shape is not None:
+            k, small, one = self.probe_shape
+            self._pending["probe"] = _BACKGROUND.submit(
+                self.probe, tf.zeros((k, small, self.inputs), t.x.dtype), tf.zeros((k, small), t.y.dtype),
+                t.x[:one], t.y[:one])
+        batch = self.specs[0].batch_size
+        self.run_chunk(data, np.zeros((steps_per_execution, batch), np.int32),
+                       np.zeros(steps_per_execution, np.int32), 0)
+
+    def _warm_up_validator(self, t: "Tensors") -> None:
+        """Compile the validation pass for these shapes, once per process (on zero weights:
+        the pack may be training meanwhile)."""
+        shapes = (self.key, tuple(t.x_val.shape))
+        if shapes not in _VALIDATE_WARM:
+            self.validator(t)([tf.zeros(v.shape, v.dtype) for v in self.state], t.x_val, t.y_val, t.w_val)
+            _VALIDATE_WARM.add(shapes)
+
+    def _ready(self, name: str) -> None:
+        """Wait for `warm_up`'s background work `name` (and raise its error, if any)."""
+        job = self._pending.pop(name, None)
+        if job is not None:
+            job.result()
 
     def run_chunk(self, data: Dataset, idx: np.ndarray, counts: np.ndarray, steps: int, *,
                   probe: tuple[np.ndarray, np.ndarray] | None = None, validate: bool = False) -> dict:
@@ -216,12 +234,14 @@ class PackedMLP:
         self._functions(t)
         out = self.train_chunk(t.x, t.y, idx, counts, tf.constant(steps, tf.int32))
         if validate:
+            self._ready("validate")
             out["val_loss_sum"], out["val_right"] = self.validator(t)(self.state, t.x_val, t.y_val, t.w_val)
         out = {key: value.numpy() for key, value in out.items()}
         if probe is not None:
             if self.probe_shape is None:
                 raise ValueError("this pack was built without a gradient probe")
             rows, one = probe
+            self._ready("probe")
             out["probe"] = tuple(v.numpy() for v in self.probe(
                 tf.gather(t.x, rows), tf.gather(t.y, rows), tf.gather(t.x, one), tf.gather(t.y, one)))
         if validate:
@@ -323,10 +343,10 @@ class PackedMLP:
         with tf.GradientTape() as tape:
             loss, _ = self._losses(self.forward(x, weight, count, training=True), y, weight, count)
             total = tf.reduce_sum(loss)
-        return [tf.cast(g, tf.float64) for g in tape.gradient(total, self.trainable)]
+        return tape.gradient(total, self.trainable)
 
     def _dot(self, a, b):
-        """Per member: the dot product of two gradients (lists like `trainable`)."""
+        """Per member: the dot product of two gradients (lists like `trainable`), float64."""
         return tf.add_n([member_sum(ga * gb) for member_sum, ga, gb in zip(self._member_sums, a, b)])
 
     def _probe(self, xs, ys, x_one, y_one):
@@ -340,9 +360,9 @@ class PackedMLP:
 
         _, total, squares = tf.while_loop(
             lambda i, *_: i < k, add,
-            (tf.constant(0), [tf.zeros(v.shape, tf.float64) for v in self.trainable],
+            (tf.constant(0), [tf.zeros(v.shape, v.dtype) for v in self.trainable],
              tf.zeros([self.members], tf.float64)))
-        big = [t / tf.cast(k, tf.float64) for t in total]
+        big = [t / tf.cast(k, t.dtype) for t in total]
         one = self._gradient(x_one, y_one)
         big_sq = self._dot(big, big)
         cosine = self._dot(one, big) / tf.sqrt(self._dot(one, one) * big_sq)
@@ -361,6 +381,9 @@ _TENSORS: dict[int, tuple[Dataset, Tensors]] = {}
 # The validation pass per structure_key (see `PackedMLP.validator`).
 _VALIDATE: dict[tuple, tf.types.experimental.PolymorphicFunction] = {}
 _VALIDATE_LOCK = threading.Lock()
+_VALIDATE_WARM: set[tuple] = set()  # (structure key, validation chunks' shape) compiled
+# Where `PackedMLP.warm_up` traces and compiles what training needs only after its first steps.
+_BACKGROUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-up")
 
 
 def tensors(data: Dataset) -> Tensors:
