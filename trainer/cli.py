@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Each run builds a new model, so retracing is expected; the warning would only alarm.
     tf.get_logger().setLevel("ERROR")
-    # TensorFlow's modules are ≈10^6 long-lived objects that every full garbage collection
-    # would walk again (≈0.1 s each, several per grid): keep them out of the collector.
+    # TensorFlow's modules are ≈340,000 long-lived objects that every full garbage
+    # collection would walk again (≈0.08 s each, several per grid): keep them out of it.
     gc.freeze()
 
     # A batch scheduler stops jobs with SIGTERM: treat it like Ctrl-C, so the current run

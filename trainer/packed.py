@@ -68,19 +68,12 @@ class PackedMLP:
         self.normed = sum(s.uses_batch_norm for s in specs)
         self.inputs = int(np.prod(input_shape))
         self.activation = keras.activations.get("linear" if first.architecture == "linear" else first.activation)
-        values = self._start(specs, probe)
-        layers = len(self.units) + 1
+        kernels, biases, norms = self._unpack(self._start(specs, probe))
         m = self.members
-
-        def var(value, trainable=True):
-            return tf.Variable(value, trainable=trainable)
-
-        self.kernels = [var(v) for v in values[:layers]]
-        self.biases = [var(v) for v in values[layers:2 * layers]]
+        self.kernels = [tf.Variable(v) for v in kernels]
+        self.biases = [tf.Variable(v) for v in biases]
         # Per hidden layer: gamma, beta, moving mean, moving variance of the normed members.
-        rest = values[2 * layers:]
-        self.norms = [[var(rest[4 * layer + j], trainable=j < 2) for j in range(4)]
-                      for layer in range(len(rest) // 4)]
+        self.norms = [[tf.Variable(v, trainable=j < 2) for j, v in enumerate(n)] for n in norms]
         self.state = self.kernels + self.biases + [v for n in self.norms for v in n]
         self.trainable = self.kernels + self.biases + [v for n in self.norms for v in n[:2]]
         self.optimizer = make_optimizer(first)
@@ -259,7 +252,7 @@ class PackedMLP:
         """Logits [members, batch, classes] for x [batch, inputs]; `weight` masks padding
         rows (batch statistics and losses use only the `count` real ones). `state`: values
         in the order of `self.state` to use instead of the variables (no statistics update)."""
-        kernels, biases, norms = self._unpack(state) if state is not None else (self.kernels, self.biases, self.norms)
+        kernels, biases, norms = self._unpack(self.state if state is None else state)
         h = self.activation(tf.matmul(x, kernels[0]) + biases[0])
         h = tf.transpose(tf.reshape(h, [-1, self.members, self.units[0]]), [1, 0, 2])
         for layer in range(len(self.units)):
@@ -269,8 +262,10 @@ class PackedMLP:
                 h = self._batch_norm(h, norms[layer], weight, count, training, update_statistics)
         return tf.matmul(h, kernels[-1]) + biases[-1]
 
-    def _unpack(self, state):
-        layers = len(self.kernels)
+    def _unpack(self, state: list) -> tuple[list, list, list]:
+        """Values (or variables) in the order of `self.state` as (kernels, biases, per
+        normed hidden layer [gamma, beta, moving mean, moving variance])."""
+        layers = len(self.units) + 1
         rest = state[2 * layers:]
         return state[:layers], state[layers:2 * layers], [rest[4 * i:4 * i + 4] for i in range(len(rest) // 4)]
 
@@ -709,11 +704,12 @@ def _write_rows(streams: int):
 
 def warm_up_events(members: int) -> None:
     """Trace the event writer for packs of `members` runs (on throwaway writers)."""
-    if 2 * members in _WRITE_ROWS:
+    streams = len(SPLITS) * members
+    if streams in _WRITE_ROWS:
         return
     with tempfile.TemporaryDirectory(prefix="events-warm-up-") as tmp:
-        writers = [tf.summary.create_file_writer(f"{tmp}/{k}") for k in range(2 * members)]
-        _write_rows(2 * members)([w._resource for w in writers], np.zeros(2 * members + 1, np.int32),
+        writers = [tf.summary.create_file_writer(f"{tmp}/{k}") for k in range(streams)]
+        _write_rows(streams)([w._resource for w in writers], np.zeros(streams + 1, np.int32),
                                  np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.int64))
         for w in writers:
             w.close()
@@ -765,7 +761,7 @@ class PackEvents:
             steps.append(extra[:, 3].astype(np.int64))
         streams = np.concatenate(streams)
         order = np.argsort(streams, kind="stable")
-        offsets = np.searchsorted(streams[order], np.arange(2 * self.members + 1)).astype(np.int32)
+        offsets = np.searchsorted(streams[order], np.arange(len(self.handles) + 1)).astype(np.int32)
         self._pending.append(self._thread.submit(
             _write_rows(len(self.handles)), self.handles, offsets, np.concatenate(tags)[order],
             np.concatenate(values).astype(np.float32)[order], np.concatenate(steps).astype(np.int64)[order]))
