@@ -6,7 +6,11 @@ STAMP := $(VENV)/.installed-stamp
 EXPERIMENT ?= lab
 LOGDIR ?= logs
 REPORTS ?= reports
+PORT ?= 6006
+HOST ?= localhost
 FASHION_DIR := /usr/share/datasets/fashion-mnist
+# The cleaner needs only the standard library: it runs before the venv exists.
+CLEAN_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 
 TRAIN_ARGS := --experiment $(EXPERIMENT) --logdir $(LOGDIR) \
 	$(if $(DATASET),--dataset $(DATASET)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
@@ -14,13 +18,22 @@ TRAIN_ARGS := --experiment $(EXPERIMENT) --logdir $(LOGDIR) \
 	$(if $(VERBOSE),--verbose $(VERBOSE)) $(if $(CONFIRM),--confirm-large) \
 	$(if $(EXECUTOR),--executor $(EXECUTOR)) $(if $(WORKERS),--workers $(WORKERS)) \
 	$(if $(SHARD),--shard $(SHARD)) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS))
+REPORT_ARGS := --logdir $(LOGDIR)/$(EXPERIMENT) --out $(REPORTS)/$(EXPERIMENT) \
+	$(if $(FORMAT),--format $(FORMAT)) $(if $(TEMPLATE),--template $(TEMPLATE)) \
+	$(if $(SUMMARY),--summary $(SUMMARY)) $(if $(SMOOTHING),--smoothing $(SMOOTHING)) \
+	$(if $(TARGET_LOSS),--target-loss $(TARGET_LOSS)) $(if $(STRICT),--final) \
+	$(if $(VERBOSE),--verbose)
+BENCH_ARGS := --experiment $(EXPERIMENT) $(if $(QUICK),--quick) $(if $(WORKERS),--workers $(WORKERS)) \
+	$(if $(DATA),--data $(DATA))
 
 .DEFAULT_GOAL := help
-.PHONY: help venv dataset train report test bench bench-noise tensorboard clean
+.PHONY: help venv dataset train report test bench bench-report bench-noise tensorboard clean
 
-## help: list the targets
+## help: list the targets and the variables they take
 help:
-	@grep -E '^## ' $(MAKEFILE_LIST) | sed 's/^## /  make /'
+	@awk '/^## [a-z-]+:/ { sub(/^## /, ""); n = index($$0, ":"); printf "  make %-13s %s\n", substr($$0, 1, n - 1), substr($$0, n + 2); next } \
+	     /^##   / { sub(/^##   /, ""); printf "  %-18s %s\n", "", $$0 }' $(MAKEFILE_LIST)
+	@echo "Variables: EXPERIMENT (lab) LOGDIR (logs) REPORTS (reports) VERBOSE=1 (TensorFlow's own start-up lines too)"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,36 +57,40 @@ dataset:
 	  fi; \
 	fi
 
-## train: train EXPERIMENT (default lab) into LOGDIR; also DATASET= EPOCHS= LIMIT= DATA= VERBOSE=1
-##        WORKERS=N (local processes), EXECUTOR=ray RAY_ADDRESS=auto, SHARD=i/n
+## train: train EXPERIMENT into LOGDIR/EXPERIMENT; DATASET= EPOCHS= LIMIT= DATA=PATH VERBOSE=1 CONFIRM=1
+##   (grids over 500 runs); WORKERS=N local processes, EXECUTOR=ray RAY_ADDRESS=auto, SHARD=i/n
 train: $(STAMP) dataset
 	$(BIN)/python -m trainer $(TRAIN_ARGS)
 
-## report: turn LOGDIR/EXPERIMENT into REPORTS/EXPERIMENT (report.pdf, report.html, CSVs); FORMAT=pdf,html
+## report: LOGDIR/EXPERIMENT → REPORTS/EXPERIMENT (report.pdf, report.html, tables/*.csv); FORMAT=pdf,html
+##   TEMPLATE=lab|task SUMMARY=final|best|last-K SMOOTHING=w TARGET_LOSS=x; STRICT=1 fails on an
+##   unfinished grid instead of marking the report DRAFT
 report: $(STAMP)
-	$(BIN)/python -m report --logdir $(LOGDIR)/$(EXPERIMENT) --out $(REPORTS)/$(EXPERIMENT) \
-	  $(if $(FORMAT),--format $(FORMAT)) $(if $(TEMPLATE),--template $(TEMPLATE)) \
-	  $(if $(SUMMARY),--summary $(SUMMARY)) $(if $(SMOOTHING),--smoothing $(SMOOTHING)) \
-	  $(if $(TARGET_LOSS),--target-loss $(TARGET_LOSS))
+	$(BIN)/python -m report $(REPORT_ARGS)
 
 ## test: run the test suite (no downloads; trains tiny real models)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-## bench: plain model.fit vs our trainer on EXPERIMENT's grid, then the report parse cache; QUICK=1 reduced
+## bench: documents' plain model.fit vs our trainer on EXPERIMENT's grid, in temporary folders;
+##   QUICK=1 reduced (6,000 images, 2 epochs), WORKERS=N, DATA=PATH
 bench: $(STAMP) dataset
+	$(BIN)/python -m bench.grid_speed $(BENCH_ARGS)
+
+## bench-report: tbparse's default read vs the report's cached loader, on LOGDIR/EXPERIMENT (train it first)
+bench-report: $(STAMP)
 	$(BIN)/python -m bench.report_speed --logdir $(LOGDIR)/$(EXPERIMENT)
-	$(BIN)/python -m bench.grid_speed --experiment $(EXPERIMENT) $(if $(QUICK),--quick) \
-	  $(if $(WORKERS),--workers $(WORKERS)) $(if $(DATA),--data $(DATA))
 
 ## bench-noise: training time with [gradient_noise] off vs on, every run of EXPERIMENT twice; QUICK=1 reduced
 bench-noise: $(STAMP) dataset
 	$(BIN)/python -m bench.noise_overhead --experiment $(EXPERIMENT) $(if $(QUICK),--quick) $(if $(DATA),--data $(DATA))
 
-## tensorboard: live view of LOGDIR, every point kept
+## tensorboard: live view of LOGDIR at http://HOST:PORT (localhost:6006), every point kept
 tensorboard: $(STAMP)
-	$(BIN)/tensorboard --logdir $(LOGDIR) --samples_per_plugin scalars=0
+	$(BIN)/tensorboard --logdir $(LOGDIR) --host $(HOST) --port $(PORT) --samples_per_plugin scalars=0
 
-## clean: remove logs and reports (keeps the virtual environment)
+## clean: remove EXPERIMENT's logs and report (ALL=1: every experiment's); only folders the
+##   trainer or the report made, never LOGDIR or REPORTS themselves; says what it removed
 clean:
-	rm -rf $(LOGDIR)/*/ $(REPORTS)
+	@$(CLEAN_PYTHON) -m trainer.clean --logdir $(LOGDIR) --reports $(REPORTS) \
+	  $(if $(ALL),--all,--experiment $(EXPERIMENT))

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from contract.layout import COMPLETE, RUN_MANIFEST
+
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = {"limit": 6000, "epochs": 2}
 
@@ -134,9 +136,9 @@ def main(argv=None) -> int:
         print(f"plain: {plain_s:.1f}s", flush=True)
 
         plain = json.loads((tmp / "plain" / "results.json").read_text())
-        ours = {p.parent.name: json.loads(p.read_text()) for p in (tmp / "ours" / exp.name).glob("*/run.json")}
+        ours = {p.parent.name: json.loads(p.read_text()) for p in (tmp / "ours" / exp.name).glob(f"*/{RUN_MANIFEST}")}
         dataset = next(iter(ours.values()))["dataset"]
-        steps_checked = all(m["steps"] > 0 and m["status"] == "complete" for m in ours.values())
+        steps_checked = all(m["steps"] > 0 and m["status"] == COMPLETE for m in ours.values())
     print(f"\n{'run':<48} {'plain val_loss':>14} {'ours val_loss':>14} {'plain val_acc':>13} {'ours val_acc':>12}")
     diffs = []
     for name in sorted(plain):

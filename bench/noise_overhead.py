@@ -20,6 +20,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from contract.layout import COMPLETE
+
 QUICK = {"limit": 6000, "epochs": 2}
 
 
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
                 manifests = train_runs(sides[side], specs, data, run_dirs)
                 seconds[side][specs[0].batch_size] += time.perf_counter() - t0
                 for manifest in manifests:
-                    assert manifest["status"] == "complete", manifest.get("error")
+                    assert manifest["status"] == COMPLETE, manifest.get("error")
                     if side == "on":
                         measurements[specs[0].batch_size] += manifest["gradient_noise"]["measurements"]
             print(f"pack {k + 1}/{len(packs)} ({len(pack)} runs, batch {specs[0].batch_size}) done",

@@ -1,12 +1,12 @@
 """Sentences computed from comparisons in the data, each qualified by what the data can show."""
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 
+from contract import noise
+from contract.layout import STEP_LOSS
 from report.tables import Cell
-from trainer import noise
 
 
 def _v(x: float) -> str:
@@ -89,6 +89,6 @@ def steps_context(steps_by_key: dict[int, float], epochs: int | None, axis: str 
 
 def roughness(scalars: pd.DataFrame, run: str, steps_per_epoch: int) -> float:
     """Std of step-to-step differences of the training loss over the last epoch."""
-    s = scalars[(scalars["run"] == run) & (scalars["tag"] == "step_loss")].sort_values("step")["value"]
+    s = scalars[(scalars["run"] == run) & (scalars["tag"] == STEP_LOSS)].sort_values("step")["value"]
     s = s.to_numpy()[-steps_per_epoch:]
     return noise.roughness(s[np.isfinite(s)])

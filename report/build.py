@@ -6,15 +6,16 @@ PDF (rendered from the same HTML) carry the same numbers.
 """
 from __future__ import annotations
 
-import base64
 import math
 import re
-from dataclasses import dataclass, field
 from datetime import date
 
 import numpy as np
 
+from contract.layout import (COMPLETE, DATE_LIMIT, DIVERGED, EPOCH_ACCURACY, EPOCH_LOSS, EPOCH_METRICS,
+                             SOURCE_TEXT_LIMIT, STEP_LOSS, TEXT_LIMITS, TRAIN, VALIDATION, clip)
 from report import analysis, gradient
+from report.document import Document, Section
 from report.figures import FigureCache, curve, line_figure, panels_figure
 from report.load import Logs
 from report.tables import Table, cell, cell_record, describe_summary, factors, run_values
@@ -27,54 +28,6 @@ PRETTY_INIT = {
 }
 BN_LABEL = {False: "Without batch norm", True: "With batch norm"}
 SECTION_AXES_EXCLUDED = {"batch_size", "batch_norm"}
-
-
-@dataclass
-class Section:
-    number: str
-    title: str
-    level: int = 1
-    blocks: list[dict] = field(default_factory=list)
-
-
-class Document:
-    """Collects sections and numbers figures and tables as they are added."""
-
-    def __init__(self, smoothing: float):
-        self.sections: list[Section] = []
-        self.tables: list[Table] = []
-        self.figures = 0
-        self.smoothing = smoothing
-        self._counters = [0, 0, 0]
-
-    def section(self, title: str, level: int = 1) -> Section:
-        self._counters[level - 1] += 1
-        for i in range(level, 3):
-            self._counters[i] = 0
-        number = ".".join(str(n) for n in self._counters[:level])
-        sec = Section(number, title, level)
-        self.sections.append(sec)
-        return sec
-
-    def figure(self, sec: Section, caption: str, svg: str, *, smoothed: bool = False) -> None:
-        self.figures += 1
-        if smoothed and self.smoothing:
-            caption += f" (smoothed: TensorBoard EMA, weight {self.smoothing:g}; faint line raw)"
-        uri = "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode()
-        sec.blocks.append({"kind": "figure", "number": self.figures, "caption": caption, "src": uri})
-
-    def table(self, sec: Section, table: Table) -> None:
-        table.number = len(self.tables) + 1
-        self.tables.append(table)
-        sec.blocks.append({"kind": "table", "table": table})
-
-    def text(self, sec: Section, text: str) -> None:
-        sec.blocks.append({"kind": "paragraph", "text": text})
-
-    def bullets(self, sec: Section, items: list[str | None]) -> None:
-        items = [i for i in items if i]
-        if items:
-            sec.blocks.append({"kind": "bullets", "items": items})
 
 
 def _fmt_factor(key: str, value) -> str:
@@ -123,7 +76,7 @@ class Builder:
 
     def runs_where(self, where: dict) -> list[str]:
         df = self.logs.runs
-        mask = df["status"] == "complete"
+        mask = df["status"] == COMPLETE
         for k, v in where.items():
             mask &= df[k] == v
         return df[mask]["run"].tolist()
@@ -219,7 +172,7 @@ class Builder:
 
     def data_problems(self) -> None:
         problems = list(self.logs.problems)
-        diverged = self.logs.runs[self.logs.runs["status"] == "diverged"]["run"].tolist()
+        diverged = self.logs.runs[self.logs.runs["status"] == DIVERGED]["run"].tolist()
         problems += [f"{r}: diverged (non-finite loss); shown as diverged, left out of means" for r in diverged]
         if not problems:
             return
@@ -281,21 +234,21 @@ class Builder:
         tag_base = self.slug(key) + f"_bs{bs}"
         label = f"Batch size {bs}" if bs is not None else "All runs"
         smoothing = self.doc.smoothing
-        series = self._bn_curves(where, "train", "step_loss")
+        series = self._bn_curves(where, TRAIN, STEP_LOSS)
         self.doc.figure(sec, f"{label} train loss", line_figure(
             series, xlabel="step", ylabel="train loss (per step)", smoothing=smoothing, cache=self.figure_cache),
             smoothed=True)
-        self.doc.table(sec, self.bn_rows(where, "train", "epoch_loss", "Train Loss", f"train_loss_{tag_base}"))
-        series = self._bn_curves(where, "validation", "epoch_loss", x_offset=1)
+        self.doc.table(sec, self.bn_rows(where, TRAIN, EPOCH_LOSS, "Train Loss", f"train_loss_{tag_base}"))
+        series = self._bn_curves(where, VALIDATION, EPOCH_LOSS, x_offset=1)
         self.doc.figure(sec, f"{label} val loss", line_figure(series, xlabel="epoch", ylabel="validation loss",
                                                                         cache=self.figure_cache))
-        self.doc.table(sec, self.bn_rows(where, "validation", "epoch_loss", "Val loss", f"val_loss_{tag_base}"))
+        self.doc.table(sec, self.bn_rows(where, VALIDATION, EPOCH_LOSS, "Val loss", f"val_loss_{tag_base}"))
         bullets = []
         if len(self.bn_values) == 2:
-            for split, what in (("train", f"{self.summary_text} train loss"),
-                                ("validation", f"{self.summary_text} validation loss")):
-                off = cell(self.logs, self.values, {**where, "batch_norm": False}, split, "epoch_loss")
-                on = cell(self.logs, self.values, {**where, "batch_norm": True}, split, "epoch_loss")
+            for split, what in ((TRAIN, f"{self.summary_text} train loss"),
+                                (VALIDATION, f"{self.summary_text} validation loss")):
+                off = cell(self.logs, self.values, {**where, "batch_norm": False}, split, EPOCH_LOSS)
+                on = cell(self.logs, self.values, {**where, "batch_norm": True}, split, EPOCH_LOSS)
                 bullets.append(analysis.compare_bn(off, on, what))
         rough = []
         for bn in self.bn_values:
@@ -313,9 +266,9 @@ class Builder:
     def lab_comparison(self, key: dict) -> None:
         sec = self.doc.section("Batch Size Comparison", level=2)
         tag_base = self.slug(key)
-        for split, tag, what, fig_label in (("train", "epoch_loss", "Train Loss", "train loss"),
-                                            ("validation", "epoch_loss", "Val loss", "val loss"),
-                                            ("validation", "epoch_accuracy", "Validation Accuracy", None)):
+        for split, tag, what, fig_label in ((TRAIN, EPOCH_LOSS, "Train Loss", "train loss"),
+                                            (VALIDATION, EPOCH_LOSS, "Val loss", "val loss"),
+                                            (VALIDATION, EPOCH_ACCURACY, "Validation Accuracy", None)):
             if fig_label:
                 series = []
                 for bs in self.batch_sizes:
@@ -340,23 +293,23 @@ class Builder:
             self.doc.table(sec, Table(f"{what.lower().replace(' ', '_')}_by_batch_size_{tag_base}",
                                       f"{what} ({self.summary_text})", cols, rows, data))
         bullets = []
-        for split, tag, what in (("train", "epoch_loss", "train loss"),
-                                 ("validation", "epoch_loss", "validation loss"),
-                                 ("validation", "epoch_accuracy", "validation accuracy")):
+        for split, tag, what in ((TRAIN, EPOCH_LOSS, "train loss"),
+                                 (VALIDATION, EPOCH_LOSS, "validation loss"),
+                                 (VALIDATION, EPOCH_ACCURACY, "validation accuracy")):
             for bn in self.bn_values:
                 w = dict(key) if bn is None else {**key, "batch_norm": bn}
                 cells = [(bs, cell(self.logs, self.values, {**w, "batch_size": bs}, split, tag))
                          for bs in self.batch_sizes]
                 label = f"{self.summary_text} {what}" + ("" if bn is None else f" {BN_LABEL[bn].lower()}")
                 bullets.append(analysis.trend(cells, label))
-            if len(self.bn_values) == 2 and tag == "epoch_loss":
+            if len(self.bn_values) == 2 and tag == EPOCH_LOSS:
                 pairs = [(bs, cell(self.logs, self.values, {**key, "batch_size": bs, "batch_norm": False}, split, tag),
                           cell(self.logs, self.values, {**key, "batch_size": bs, "batch_norm": True}, split, tag))
                          for bs in self.batch_sizes]
                 bullets.append(analysis.count_bn_wins(pairs, f"{self.summary_text} {what}", "batch sizes"))
         steps = {}
         for bs in self.batch_sizes:
-            runs = self.logs.runs[(self.logs.runs["batch_size"] == bs) & (self.logs.runs["status"] == "complete")]
+            runs = self.logs.runs[(self.logs.runs["batch_size"] == bs) & (self.logs.runs["status"] == COMPLETE)]
             if not runs.empty:
                 steps[bs] = float(runs["steps"].median())
         epochs = self.logs.runs["epochs"].iloc[0] if "epochs" in self.logs.runs and "epochs" not in self.factors else None
@@ -368,13 +321,13 @@ class Builder:
     def task(self) -> Document:
         exp = self.logs.experiment.get("experiment", {})
         sec = self.doc.section("Objective")
-        self.doc.text(sec, _clip(exp.get("objective") or "", 4000) or "Study how the settings varied in this grid change training.")
+        self.doc.text(sec, clip(exp.get("objective") or "", TEXT_LIMITS["objective"]) or "Study how the settings varied in this grid change training.")
         self.introduction(sec)
         sec = self.doc.section("Code Used")
         source = self.logs.experiment.get("source_text")
         if source:
             self.doc.text(sec, "The experiment file that produced these runs:")
-            sec.blocks.append({"kind": "code", "text": _clip(source, 50_000)})
+            sec.blocks.append({"kind": "code", "text": clip(source, SOURCE_TEXT_LIMIT)})
         self.architecture(sec)
         sec = self.doc.section("Results")
         keys = [{**k, "batch_size": bs} if bs is not None else dict(k)
@@ -390,8 +343,8 @@ class Builder:
             if vals:
                 rough_cells.append((where.get("batch_size"), float(np.mean(vals))))
             final_cells.append((where.get("batch_size"),
-                                cell(self.logs, self.values, where, "validation", "epoch_loss")))
-        overlay = [s for s in (curve(self.logs.scalars, self.runs_where(w), "validation", "epoch_loss",
+                                cell(self.logs, self.values, where, VALIDATION, EPOCH_LOSS)))
+        overlay = [s for s in (curve(self.logs.scalars, self.runs_where(w), VALIDATION, EPOCH_LOSS,
                                      label=f"batch {w.get('batch_size')}", x_offset=1) for w in keys) if s]
         self.doc.figure(sec, "Validation loss by batch size", line_figure(overlay, xlabel="epoch",
                                                                            ylabel="validation loss",
@@ -424,11 +377,11 @@ class Builder:
     def task_epoch_table(self, sec: Section, where: dict, title: str) -> None:
         runs = self.runs_where(where)
         df = self.logs.scalars[(self.logs.scalars["run"].isin(runs)) &
-                               (self.logs.scalars["tag"].isin(["epoch_loss", "epoch_accuracy"]))]
+                               (self.logs.scalars["tag"].isin(list(EPOCH_METRICS)))]
         if df.empty:
             self.doc.text(sec, "No finished run in this cell.")
             return
-        df = df.assign(col=np.where(df["split"] == "validation", "val_", "") + df["tag"].str.removeprefix("epoch_"))
+        df = df.assign(col=np.where(df["split"] == VALIDATION, "val_", "") + df["tag"].str.removeprefix("epoch_"))
         wide = df.pivot_table(index="step", columns="col", values="value", aggfunc="mean")
         cols = [c for c in ("loss", "accuracy", "val_loss", "val_accuracy") if c in wide]
         rows = [[str(int(step) + 1)] + [f"{wide.at[step, c]:.4f}" for c in cols] for step in wide.index]
@@ -438,9 +391,9 @@ class Builder:
         key = "epochs_" + re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(f"{k}{v}" for k, v in where.items()))
         self.doc.table(sec, Table(key, f"Per-epoch results, {title}{note}", ["Epoch"] + cols, rows, data))
         panels = []
-        for tag, ylabel in (("epoch_loss", "loss"), ("epoch_accuracy", "accuracy")):
+        for tag, ylabel in ((EPOCH_LOSS, "loss"), (EPOCH_ACCURACY, "accuracy")):
             series = [s for s in (curve(self.logs.scalars, runs, split, tag, label=split, x_offset=1)
-                                  for split in ("train", "validation")) if s]
+                                  for split in (TRAIN, VALIDATION)) if s]
             panels.append((series, "epoch", ylabel))
         self.doc.figure(sec, f"{title[:1].upper() + title[1:]}: loss (left) and accuracy (right), "
                              "train vs validation", panels_figure(panels, cache=self.figure_cache))
@@ -455,14 +408,23 @@ def build(logs: Logs, *, template: str, summary: str = "final", smoothing: float
         figure_cache.prune()
     exp = logs.experiment.get("experiment", {})
     return {
-        "title": _clip(exp.get("title") or logs.logdir.name), "author": _clip(exp.get("author", "")),
-        "id": _clip(exp.get("id", "")), "date": _clip(exp.get("date") or date.today().isoformat()),
-        "template": template, "sections": doc.sections, "tables": doc.tables,
+        "title": clip(exp.get("title") or logs.logdir.name, TEXT_LIMITS["title"]),
+        "author": clip(exp.get("author", ""), TEXT_LIMITS["author"]), "id": clip(exp.get("id", ""), TEXT_LIMITS["id"]),
+        "date": clip(exp.get("date") or date.today().isoformat(), DATE_LIMIT),
+        "template": template, "sections": doc.sections, "tables": doc.tables, "draft": draft_line(logs),
         "n_figures": doc.figures, "runs_read": len(logs.runs), "points_read": logs.points_read,
     }
 
 
-def _clip(text, limit: int = 300) -> str:
-    """Title-block strings from experiment.json, cut to what the trainer itself accepts."""
-    text = str(text)
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+def draft_line(logs: Logs) -> str:
+    """"DRAFT: 3 of 30 runs of the grid are not finished (2 running, 1 missing)", or ""."""
+    if not logs.unfinished:
+        return ""
+    planned = len(logs.experiment.get("runs") or []) or len(logs.runs) + len(logs.unfinished)
+    counts: dict[str, int] = {}
+    for status in logs.unfinished.values():
+        counts[status] = counts.get(status, 0) + 1
+    detail = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    return (f"DRAFT: {len(logs.unfinished)} of {planned} runs of the grid are not finished ({detail}); "
+            "the numbers below leave them out")
+

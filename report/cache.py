@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from trainer.manifest import write_atomic
+from contract.files import write_atomic
 
 VERSION = 2
 

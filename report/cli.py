@@ -4,13 +4,15 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
-from report.render import TEMPLATES
+from contract.layout import EXPERIMENT_MANIFEST, TEMPLATES
 
 FORMATS = ("pdf", "html")
 EXIT_USAGE = 2
+EXIT_UNFINISHED = 1
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -28,6 +30,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path,
                    help="parse cache folder (default: OUT/.cache); only changed event files are reparsed")
     p.add_argument("--no-cache", action="store_true", help="parse every event file again, keep no cache")
+    p.add_argument("--final", action="store_true",
+                   help="exit with status 1, writing nothing, if any run of the grid is not finished "
+                        "(default: write the report marked DRAFT)")
+    p.add_argument("--verbose", action="store_true", help="let TensorFlow print its start-up lines")
     return p.parse_args(argv)
 
 
@@ -49,6 +55,8 @@ def _check(args) -> list[str]:
         errors.append(f"--smoothing {args.smoothing} is not valid; give a weight in [0, 1), e.g. 0.6")
     if args.target_loss is not None and not (math.isfinite(args.target_loss) and args.target_loss > 0):
         errors.append(f"--target-loss {args.target_loss} is not valid; give a positive training loss, e.g. 0.5")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        errors.append(f"--out {args.out} is a file, not a folder; name a folder (it is created if missing)")
     args.formats = formats
     return errors
 
@@ -59,24 +67,43 @@ def main(argv: list[str] | None = None) -> int:
     if errors:
         print("error: " + "\n       ".join(errors), file=sys.stderr)
         return EXIT_USAGE
+    if not args.verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is imported
+    from contract.files import write_atomic
     from report.build import build
     from report.load import LogsError, load_logs
     from report.render import render_html, render_pdf
-    from trainer.manifest import write_atomic
 
     logging.getLogger("weasyprint").setLevel(logging.ERROR)
     logging.getLogger("fontTools").setLevel(logging.ERROR)
     from report.figures import FigureCache
 
     out = args.out or Path("reports") / args.logdir.name
-    cache_dir = None if args.no_cache else (args.cache or out / ".cache")
+    # --final writes nothing for an unfinished grid: not even a parse cache in a new --out.
+    fresh_final = args.final and args.cache is None and not out.exists()
+    cache_dir = None if args.no_cache or fresh_final else (args.cache or out / ".cache")
     figure_cache = FigureCache(cache_dir / "figures" if cache_dir else None)
     try:
-        logs = load_logs(args.logdir, cache_dir=cache_dir)
+        logs = load_logs(args.logdir, cache_dir=cache_dir, verbose=args.verbose)
     except LogsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    template = args.template or logs.experiment.get("experiment", {}).get("template") or "lab"
+    template = args.template or (logs.experiment.get("experiment") or {}).get("template") or TEMPLATES[0]
+    if template not in TEMPLATES:
+        print(f"error: {args.logdir}/{EXPERIMENT_MANIFEST} names the template {str(template)[:80]!r}, which "
+              f"does not exist; valid templates: {', '.join(TEMPLATES)} (choose one with --template, "
+              "TEMPLATE= with make)", file=sys.stderr)
+        return EXIT_USAGE
+    if logs.unfinished:
+        shown = ", ".join(f"{run} ({status})" for run, status in list(logs.unfinished.items())[:8])
+        more = f" and {len(logs.unfinished) - 8} more" if len(logs.unfinished) > 8 else ""
+        print(f"{'error' if args.final else 'draft'}: {len(logs.unfinished)} run(s) of the grid are not finished: "
+              f"{shown}{more}", file=sys.stderr)
+        if args.final:
+            print("error: --final (STRICT=1) wants a finished grid; nothing was written. Finish it with "
+                  "`make train` (the same EXPERIMENT and LOGDIR), or drop --final for a DRAFT report",
+                  file=sys.stderr)
+            return EXIT_UNFINISHED
     context = build(logs, template=template, summary=args.summary, smoothing=args.smoothing,
                     figure_cache=figure_cache, target_loss=args.target_loss)
     for table in context["tables"]:

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from trainer.manifest import write_atomic  # noqa: E402
+from contract.files import write_atomic  # noqa: E402
 
 plt.rcParams.update({
     "svg.fonttype": "none",  # keep text as text: searchable in the PDF

@@ -8,9 +8,10 @@ import math
 import numpy as np
 import pandas as pd
 
+from contract.layout import (NOISE_B_SIMPLE, NOISE_EPOCH_AT_BATCH, NOISE_EPOCH_B_SIMPLE, NOISE_EPOCH_COSINE,
+                             NOISE_PREFIX, STEP_LOSS, TRAIN, noise_tag)
 from report.figures import curve, panels_figure
 from report.tables import Cell, Table
-from trainer.noise import PREFIX
 
 # A run has reached a loss when the mean of its step losses over the last ≈ this many
 # examples is at or below it: one noisy small-batch step does not count as reaching it.
@@ -19,7 +20,7 @@ WINDOW_EXAMPLES = 2048
 
 def values_at_epochs(scalars: pd.DataFrame, runs: list[str], tag: str) -> dict[int, Cell]:
     """Per epoch: mean ± std over `runs` of an epoch-indexed gradient tag."""
-    df = scalars[(scalars["run"].isin(runs)) & (scalars["split"] == "train") & (scalars["tag"] == PREFIX + tag)]
+    df = scalars[(scalars["run"].isin(runs)) & (scalars["split"] == TRAIN) & (scalars["tag"] == noise_tag(tag))]
     out = {}
     for epoch, g in df.groupby("step"):
         v = g["value"].to_numpy(dtype=float)
@@ -40,7 +41,7 @@ def windowed_loss(steps: np.ndarray, losses: np.ndarray, batch_size: int) -> np.
 
 
 def step_losses(scalars: pd.DataFrame, run: str) -> tuple[np.ndarray, np.ndarray]:
-    df = scalars[(scalars["run"] == run) & (scalars["split"] == "train") & (scalars["tag"] == "step_loss")]
+    df = scalars[(scalars["run"] == run) & (scalars["split"] == TRAIN) & (scalars["tag"] == STEP_LOSS)]
     df = df.sort_values("step")
     return df["step"].to_numpy(dtype=int), df["value"].to_numpy(dtype=float)
 
@@ -103,11 +104,11 @@ def add_section(builder, target_loss: float | None = None) -> None:
     """Append the "Gradient noise" section to `builder.doc` (both templates)."""
     doc, logs = builder.doc, builder.logs
     sec = doc.section("Gradient noise")
-    has = logs.scalars["tag"].astype(str).str.startswith(PREFIX)
+    has = logs.scalars["tag"].astype(str).str.startswith(NOISE_PREFIX)
     measured = {run: m.get("gradient_noise") for run, m in logs.manifests.items()
                 if isinstance(m.get("gradient_noise"), dict) and m["gradient_noise"].get("measurements")}
     if not has.any() or not measured:
-        doc.text(sec, "These runs were trained without measuring the gradient noise scale (no `gradient/` "
+        doc.text(sec, f"These runs were trained without measuring the gradient noise scale (no `{NOISE_PREFIX}` "
                       "scalars in their logs). Train them again with `[gradient_noise] enabled = true` "
                       "(the default) to fill this section.")
         return
@@ -132,7 +133,7 @@ def add_section(builder, target_loss: float | None = None) -> None:
                 runs = builder.runs_where(where)
                 runs_by_key.append((key, bs, bn, runs))
                 cols = {t: values_at_epochs(logs.scalars, runs, t)
-                        for t in ("epoch_b_simple", "epoch_noise_at_batch", "epoch_cosine")}
+                        for t in (NOISE_EPOCH_B_SIMPLE, NOISE_EPOCH_AT_BATCH, NOISE_EPOCH_COSINE)}
                 epochs = sorted(set().union(*[c.keys() for c in cols.values()]))
                 label = "—" if bn is None else ("on" if bn else "off")
                 for e in epochs:
@@ -148,14 +149,14 @@ def add_section(builder, target_loss: float | None = None) -> None:
             doc.table(sec, Table(
                 f"gradient_noise_{builder.slug(key)}_bs{bs}",
                 f"Gradient noise at the end of each epoch, {where_text} (mean ± std over seeds)",
-                ["Epoch", "BN", "B_simple", "tr(Σ)/B", "cosine"], rows, data))
+                ["Epoch", "BN", "B_simple", "tr(Σ)/B", "Cosine"], rows, data))
         # B_simple over training, x in examples so that batch sizes share an axis.
         panels = []
         for bn in builder.bn_values:
             series = []
             for k, bs, b, runs in runs_by_key:
                 if k == key and b == bn and bs is not None:
-                    s = curve(logs.scalars, runs, "train", PREFIX + "b_simple", label=f"batch {bs}", x_scale=bs)
+                    s = curve(logs.scalars, runs, TRAIN, noise_tag(NOISE_B_SIMPLE), label=f"batch {bs}", x_scale=bs)
                     if s:
                         series.append(s)
             if series:
@@ -173,7 +174,7 @@ def add_section(builder, target_loss: float | None = None) -> None:
         g = m.get("gradient_noise") or {}
         if bs is None or not g.get("measurements"):
             continue
-        df = logs.scalars[(logs.scalars["run"] == run) & (logs.scalars["tag"] == PREFIX + "epoch_b_simple")]
+        df = logs.scalars[(logs.scalars["run"] == run) & (logs.scalars["tag"] == noise_tag(NOISE_EPOCH_B_SIMPLE))]
         b = float(df.sort_values("step")["value"].iloc[-1]) if len(df) else None
         sentences.append(placement_sentence(run, int(bs), b, int(g["measurements"])))
     if sentences:

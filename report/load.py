@@ -1,8 +1,8 @@
 """Event files and manifests → one long scalar table plus a table of runs.
 
 Scalars come from tbparse in long format (run, split, tag, step, value); each run's
-factors come from its `run.json` (or, failing that, its logged hparams), never from
-its directory name.
+factors come from the `RunSpec` in its `run.json` (or, failing that, its logged hparams),
+read back through `contract.spec`, never from its directory name.
 """
 from __future__ import annotations
 
@@ -13,10 +13,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from contract.files import read_json_dict
+from contract.layout import (COMPLETE, EPOCH_LOSS, EVENT_FILE_GLOB, EXPERIMENT_MANIFEST, FINISHED, RUN_MANIFEST,
+                             SPLITS, STEP_LOSS, TRAIN)
+from contract.spec import RunSpec, SpecError
+from contract.stderr import quietly
 from report.cache import ParseCache
-from trainer.manifest import FINISHED, read_json_dict
 
-SPLITS = ("train", "validation")
+# The experiment files that come with the project (read for messages only).
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 SCALAR_COLUMNS = ["run", "split", "tag", "step", "value"]
 
 
@@ -29,44 +34,61 @@ class Logs:
     logdir: Path
     experiment: dict            # experiment.json ({} when missing)
     runs: pd.DataFrame          # one row per usable run: run, status, spec fields, manifest columns
+    specs: dict[str, RunSpec]   # run → its spec (the rows of `runs` are these, flattened)
     scalars: pd.DataFrame       # long: run, split, tag, step, value (usable runs only)
     manifests: dict[str, dict]  # run → run.json
     problems: list[str] = field(default_factory=list)
+    # Runs of the grid that have no finished result yet: run → "missing", or its status
+    # ("running", "interrupted", "failed"). A report with any is a draft.
+    unfinished: dict[str, str] = field(default_factory=dict)
     points_read: int = 0
     digest: str = ""
     cache_hits: int = 0     # event files read from the parse cache
     cache_misses: int = 0   # event files parsed
 
 
-def load_logs(logdir: Path, *, cache_dir: Path | None = None) -> Logs:
-    """Read a grid's logs; `cache_dir` keeps parsed event files between calls."""
+def load_logs(logdir: Path, *, cache_dir: Path | None = None, verbose: bool = False) -> Logs:
+    """Read a grid's logs; `cache_dir` keeps parsed event files between calls. `verbose`:
+    let TensorFlow print its start-up lines when a file needs parsing."""
     logdir = Path(logdir)
     if not logdir.is_dir():
-        raise LogsError(f"no log folder {logdir} — run `make train EXPERIMENT={logdir.name}` first")
-    experiment = _read_json(logdir / "experiment.json") or {}
+        raise LogsError(f"no log folder {logdir} — {train_hint(logdir)}")
+    experiment = read_json_dict(logdir / EXPERIMENT_MANIFEST) or {}
     problems: list[str] = []
     cache = ParseCache(cache_dir)
-    scalars, damaged = read_event_files(logdir, problems, cache)
+    scalars, damaged = read_event_files(logdir, problems, cache, verbose=verbose)
     run_dirs = sorted(p for p in logdir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not run_dirs:
-        raise LogsError(f"no run folders under {logdir} — run `make train EXPERIMENT={logdir.name}` first")
+        raise LogsError(f"no run folders under {logdir} — {train_hint(logdir)}")
 
-    rows, manifests = [], {}
+    rows, manifests, specs, unfinished = [], {}, {}, {}
     hparams: dict[str, dict] | None = None  # parsed only if some run lacks run.json
     by_run = {run: group for run, group in scalars.groupby("run", observed=True, sort=False)}
     for run_dir in run_dirs:
         run = run_dir.name
-        manifest = _read_json(run_dir / "run.json")
-        if manifest is None and (run_dir / "run.json").exists():
-            problems.append(f"{run}: run.json is not readable JSON")
-        spec = (manifest or {}).get("spec")
-        if not spec:
-            hparams = read_hparams(logdir) if hparams is None else hparams
-            spec = hparams.get(run)
-        if not spec:
-            problems.append(f"{run}: no run.json and no hparams — its factors are unknown, run excluded")
+        manifest = read_json_dict(run_dir / RUN_MANIFEST)
+        if manifest is None and (run_dir / RUN_MANIFEST).exists():
+            problems.append(f"{run}: {RUN_MANIFEST} is not readable JSON")
+        stored = (manifest or {}).get("spec")
+        try:
+            if stored and isinstance(stored, dict):
+                spec = RunSpec.from_dict(stored)
+            else:
+                hparams = read_hparams(logdir) if hparams is None else hparams
+                spec = RunSpec.from_hparams(hparams[run]) if hparams.get(run) else None
+        except (SpecError, TypeError, ValueError) as exc:
+            problems.append(f"{run}: its spec cannot be read ({exc}), run excluded")
+            continue
+        if spec is None:
+            problems.append(f"{run}: no {RUN_MANIFEST} and no hparams — its factors are unknown, run excluded")
             continue
         status = (manifest or {}).get("status", "unknown")
+        if status not in FINISHED and manifest is not None:
+            unfinished[run] = status
+            error = str(manifest.get("error") or "").strip().splitlines()
+            why = f": {error[-1][:300]}" if error else ""
+            problems.append(f"{run}: status {status!r} (not finished{why}), run excluded")
+            continue
         if run in damaged:
             continue  # named by read_event_files
         if run not in by_run:
@@ -79,8 +101,8 @@ def load_logs(logdir: Path, *, cache_dir: Path | None = None) -> Logs:
         if disagreement:
             problems.append(f"{run}: {disagreement}, run excluded")
             continue
-        manifests[run] = manifest or {}
-        rows.append({"run": run, "status": status, **{k: _hashable(v) for k, v in spec.items()},
+        manifests[run], specs[run] = manifest or {}, spec
+        rows.append({"run": run, "status": status, **spec.row(),
                      "steps": (manifest or {}).get("steps"),
                      "wall_seconds": (manifest or {}).get("wall_seconds")})
     runs = pd.DataFrame(rows)
@@ -91,13 +113,28 @@ def load_logs(logdir: Path, *, cache_dir: Path | None = None) -> Logs:
     for run in expected:
         if run not in manifests:
             problems.append(f"{run}: in the grid but missing from the logs")
-    return Logs(logdir=logdir, experiment=experiment, runs=runs, scalars=usable,
-                manifests=manifests, problems=problems, points_read=len(scalars),
+            if run not in unfinished and not (logdir / run / RUN_MANIFEST).is_file():
+                unfinished[run] = "missing"
+    return Logs(logdir=logdir, experiment=experiment, runs=runs, specs=specs, scalars=usable,
+                manifests=manifests, problems=problems, unfinished=unfinished, points_read=len(scalars),
                 digest=digest(logdir), cache_hits=cache.hits, cache_misses=cache.misses)
 
 
-def read_event_files(logdir: Path, problems: list[str],
-                     cache: ParseCache | None = None) -> tuple[pd.DataFrame, set[str]]:
+def train_hint(logdir: Path) -> str:
+    """How to make the logs a report of `logdir` needs: `make train` with the experiment
+    (the folder's name, when a preset has it) and the log root it lives in."""
+    root = logdir.parent
+    where = "" if root == Path("logs") else f" LOGDIR={root}"
+    presets = sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+    if logdir.name in presets:
+        return f"run `make train EXPERIMENT={logdir.name}{where}` first"
+    return (f"{logdir.name!r} is no preset: train an experiment into {root} with `make train "
+            f"EXPERIMENT=<name or path.toml>{where}` (presets: {', '.join(presets)}), then report "
+            f"logs/<that experiment>")
+
+
+def read_event_files(logdir: Path, problems: list[str], cache: ParseCache | None = None, *,
+                     verbose: bool = False) -> tuple[pd.DataFrame, set[str]]:
     """Every scalar point under `logdir` as (run, split, tag, step, value), and the runs
     with an event file that is empty, truncated or corrupt (each named in `problems`).
 
@@ -108,7 +145,7 @@ def read_event_files(logdir: Path, problems: list[str],
     """
     cache = cache or ParseCache(None)
     frames, damaged = [], set()
-    for path in sorted(logdir.glob("*/*/events.out.tfevents.*")):
+    for path in sorted(logdir.glob(f"*/*/{EVENT_FILE_GLOB}")):
         run, split = path.parent.parent.name, path.parent.name
         if run.startswith(".") or split not in SPLITS:
             continue
@@ -116,6 +153,7 @@ def read_event_files(logdir: Path, problems: list[str],
         cached = cache.get(path, relpath)
         if cached is None:
             key = cache.key(path, relpath)
+            quietly(lambda: __import__("tbparse"), verbose=verbose)  # once: TensorFlow's start-up lines
             df, header = _parse(path)
             cache.put(path, relpath, df, header, key)
         else:
@@ -173,18 +211,18 @@ def _disagreement(scalars: pd.DataFrame, manifest: dict, status: str) -> str | N
         return f"step {first['step']} of {first['split']}/{first['tag']} is logged {1 + int(dup.sum())} times"
     split, tag = scalars["split"].astype(str).to_numpy(), scalars["tag"].astype(str).to_numpy()
     steps_of = scalars["step"].to_numpy()
-    if status == "complete":
+    if status == COMPLETE:
         if not np.isfinite(scalars["value"].to_numpy()).all():
             return "non-finite values although run.json says complete"
         steps = manifest.get("steps")
-        logged = steps_of[(split == "train") & (tag == "step_loss")]
+        logged = steps_of[(split == TRAIN) & (tag == STEP_LOSS)]
         if isinstance(steps, int) and len(logged) and not _is_range(logged, 1, steps + 1):
-            return f"logs hold {len(logged)} step losses, run.json says {steps} steps"
+            return f"logs hold {len(logged)} step losses, {RUN_MANIFEST} says {steps} steps"
         epochs = manifest.get("epochs_completed")
         for name in SPLITS:
-            logged = steps_of[(split == name) & (tag == "epoch_loss")]
+            logged = steps_of[(split == name) & (tag == EPOCH_LOSS)]
             if isinstance(epochs, int) and not _is_range(logged, 0, epochs):
-                return f"{name} logs hold {len(logged)} epochs, run.json says {epochs}"
+                return f"{name} logs hold {len(logged)} epochs, {RUN_MANIFEST} says {epochs}"
     return None
 
 
@@ -215,10 +253,3 @@ def digest(logdir: Path) -> str:
                 h.update(chunk)
     return h.hexdigest()
 
-
-def _read_json(path: Path) -> dict | None:
-    return read_json_dict(path)
-
-
-def _hashable(value):
-    return tuple(value) if isinstance(value, list) else value

@@ -1,18 +1,14 @@
 """Context → HTML (jinja2, autoescaped) → PDF (weasyprint, fetching nothing from outside)."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import jinja2
 from markupsafe import Markup
 
+from contract.layout import printable as clean
+
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
-TEMPLATES = ("lab", "task")
-
-
-# Control characters other than tab and newline are invalid in HTML and PDF text.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def printable(value):
@@ -23,8 +19,8 @@ def printable(value):
     stays Markup so autoescaping does not escape it a second time.
     """
     if isinstance(value, Markup):
-        return Markup(_CONTROL.sub("\ufffd", str(value)))
-    return _CONTROL.sub("\ufffd", value) if isinstance(value, str) else value
+        return Markup(clean(str(value)))
+    return clean(value) if isinstance(value, str) else value
 
 
 def render_html(context: dict) -> str:

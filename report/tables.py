@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from contract.layout import COMPLETE, DIVERGED, EPOCH_METRICS
 from report.load import Logs
 
-EPOCH_TAGS = ("epoch_loss", "epoch_accuracy")
 NON_FACTORS = {"run", "status", "steps", "wall_seconds", "seed"}
 MISSING = "—"
 
@@ -33,7 +33,7 @@ def describe_summary(text: str) -> str:
 def run_values(logs: Logs, summary: str = "final") -> pd.DataFrame:
     """One value per (run, split, tag) for the epoch tags, summarised as asked."""
     kind, k = parse_summary(summary)
-    df = logs.scalars[logs.scalars["tag"].isin(EPOCH_TAGS)].sort_values("step")
+    df = logs.scalars[logs.scalars["tag"].isin(EPOCH_METRICS)].sort_values("step")
     groups = df.groupby(["run", "split", "tag"], sort=True)
     if kind == "final":
         out = groups.tail(1)
@@ -73,7 +73,7 @@ class Cell:
 
     def text(self, digits: int = 4) -> str:
         if self.n == 0:
-            return "diverged" if self.diverged else MISSING
+            return DIVERGED if self.diverged else MISSING
         s = f"{self.mean:.{digits}f}"
         if self.n > 1:
             s += f" ± {self.std:.{digits}f} (n={self.n})"
@@ -88,8 +88,8 @@ def cell(logs: Logs, values: pd.DataFrame, where: dict, split: str, tag: str) ->
     for key, value in where.items():
         mask &= runs[key] == value
     chosen = runs[mask]
-    diverged = int((chosen["status"] == "diverged").sum())
-    ok = chosen[chosen["status"] == "complete"]["run"]
+    diverged = int((chosen["status"] == DIVERGED).sum())
+    ok = chosen[chosen["status"] == COMPLETE]["run"]
     v = values[(values["run"].isin(ok)) & (values["split"] == split) & (values["tag"] == tag)]["value"]
     v = [float(x) for x in v if math.isfinite(x)]
     if not v:
@@ -114,4 +114,4 @@ class Table:
 
 def cell_record(prefix: dict, c: Cell) -> dict:
     return {**prefix, "mean": None if c.missing else c.mean,
-            "std": None if c.n < 2 else c.std, "n": c.n, "diverged": c.diverged}
+            "std": None if c.n < 2 else c.std, "n": c.n, DIVERGED: c.diverged}  # runs that diverged

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from trainer.lock import RunLock, try_lock
-from trainer.manifest import FINISHED
+from contract.layout import FINISHED
 
 ROOT = Path(__file__).resolve().parent.parent
 KILL_KINDS = ("random", "manifest", "step", "flush")

@@ -6,7 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from trainer.noise import EPOCH_TAGS, PREFIX, STEP_TAGS, NoiseScaleEMA, roughness, two_batch_estimate
+from contract.layout import NOISE_EPOCH_TAGS as EPOCH_TAGS
+from contract.layout import NOISE_PREFIX as PREFIX
+from contract.layout import NOISE_STEP_TAGS as STEP_TAGS
+from contract.noise import NoiseScaleEMA, roughness, two_batch_estimate
 
 
 def test_two_batch_estimator_recovers_known_gradient_and_covariance():
@@ -63,7 +66,7 @@ def frozen_model():
     from tests.conftest import synthetic_arrays
     from trainer.models import build_model
     from trainer.noise_probe import GradientProbe
-    from trainer.spec import RunSpec
+    from contract.spec import RunSpec
 
     data = synthetic_arrays(n_train=1200, n_test=10, seed=3)
     x = (data["x_train"].astype("float32") / 255.0).reshape(-1, 784)[:, ::4]  # 196 inputs
@@ -127,7 +130,7 @@ def test_probe_leaves_batch_norm_statistics_alone():
 
     from trainer.models import build_model
     from trainer.noise_probe import GradientProbe
-    from trainer.spec import RunSpec
+    from contract.spec import RunSpec
 
     spec = RunSpec(hidden=(8,), batch_norm=True, seed=0)
     model = build_model(spec, input_shape=(12,), classes=3)

@@ -7,7 +7,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from trainer.spec import RunSpec, load_experiment
+from contract.spec import RunSpec
+from trainer.spec import load_experiment
 
 N, BATCH, CLASSES, SHAPE = 300, 32, 4, (6, 6)  # 300 = 9 × 32 + 12: the last batch is partial
 INITS = ("glorot_normal", "he_normal")
@@ -37,7 +38,8 @@ def dataset(x, y):
 def train_packed(specs, x, y, *, epochs=1, poison=None, pack=None):
     """A PackedMLP (with a gradient probe of 4 × 32 and 32 rows; `pack` if given, loaded
     with `specs`) trained over `epochs` shuffled epochs; per step and member the loss."""
-    from trainer.packed import PackedMLP, _batches
+    from trainer.packed import _batches
+    from trainer.packed_model import PackedMLP
 
     if pack is None:
         pack = PackedMLP(specs, input_shape=SHAPE, classes=CLASSES, probe=(4, 32, 32))
@@ -105,12 +107,12 @@ def test_each_member_trains_as_keras_trains_it_alone(trained):
 
 
 def test_validation_matches_keras_evaluate(trained, data, monkeypatch):
-    import trainer.packed
+    import trainer.packed_model
 
     specs, pack, _, _, keras_runs = trained
     x, y = data
-    monkeypatch.setattr(trainer.packed, "EVAL_CHUNK", 64)  # 250 rows: 3 whole chunks and a padded one
-    trainer.packed._TENSORS.clear()
+    monkeypatch.setattr(trainer.packed_model, "EVAL_CHUNK", 64)  # 250 rows: 3 whole chunks and a padded one
+    trainer.packed_model._TENSORS.clear()
     out = pack.run_chunk(dataset(x, y), np.zeros((1, BATCH), np.int32), np.zeros(1, np.int32), 0, validate=True)
     loss, accuracy = out["val_loss"], out["val_accuracy"]
     for j, (model, _, _) in enumerate(keras_runs):

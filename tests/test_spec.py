@@ -4,7 +4,8 @@ import textwrap
 import pytest
 
 from trainer.cli import main
-from trainer.spec import ExperimentError, RunSpec, list_presets, load_experiment
+from contract.spec import RunSpec
+from trainer.spec import ExperimentError, list_presets, load_experiment
 
 VALID = """
 [experiment]

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from trainer.cli import main
-from trainer.noise import EPOCH_TAGS, PREFIX, STEP_TAGS
-from trainer.spec import RunSpec
+from contract.layout import NOISE_EPOCH_TAGS as EPOCH_TAGS
+from contract.layout import NOISE_PREFIX as PREFIX
+from contract.layout import NOISE_STEP_TAGS as STEP_TAGS
+from contract.spec import RunSpec
 
 pytestmark = pytest.mark.slow
 N_TRAIN = 1200  # conftest.synthetic_arrays; smoke validates on the test set

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from contract.stderr import quietly
 from trainer import interrupt
 from trainer.executors import EXECUTORS
 from trainer.spec import DATASETS, ExperimentError, list_presets, load_experiment
@@ -26,7 +27,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", dest="data_path", help="a keras .npz or a folder of the four IDX .gz files")
     parser.add_argument("--logdir", default="logs", type=Path, help="log root (default: logs)")
     parser.add_argument("--verbose", "-v", type=int, default=0, choices=(0, 1, 2),
-                        help="Keras fit verbosity: 1 progress bar, 2 one line per epoch")
+                        help="Keras fit verbosity: 1 progress bar, 2 one line per epoch; "
+                             "1 or 2 also shows TensorFlow's start-up lines")
     parser.add_argument("--confirm-large", action="store_true", help="allow grids over the run limit")
     parser.add_argument("--no-download", action="store_true", help="never let keras download a dataset")
     run = parser.add_argument_group("where runs execute")
@@ -80,6 +82,14 @@ def _shard(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _tensorflow():
+    """TensorFlow, imported and done looking for devices (what prints its start-up lines)."""
+    import tensorflow as tf
+
+    tf.config.list_physical_devices("GPU")
+    return tf
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -95,11 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     datasets.prefetch(experiment.dataset, validation=experiment.validation, limit=experiment.limit,
                       path=experiment.data_path)
     # Imported late: TensorFlow takes seconds to load, and a typo should fail fast.
+    tf = quietly(_tensorflow, verbose=args.verbose > 0)
     from trainer.data import DatasetUnavailable
     from trainer.executors import ExecutorUnavailable
     from trainer.grid import LogDirError, run_grid
-
-    import tensorflow as tf
 
     # Each run builds a new model, so retracing is expected; the warning would only alarm.
     tf.get_logger().setLevel("ERROR")
@@ -118,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                         cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run)
         interrupt.check()  # a signal that landed after the last run's training still counts
         return code
-    except (DatasetUnavailable, LogDirError, ExecutorUnavailable) as exc:
+    except (DatasetUnavailable, LogDirError, ExecutorUnavailable, ExperimentError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -112,6 +112,8 @@ def find_arrays(name: str, *, path: str | None, allow_download: bool) -> tuple[d
         f"  2. for fashion_mnist: apt-get install dataset-fashion-mnist "
         f"(files in {DEBIAN_FASHION_MNIST})\n"
         f"  3. let keras download it once into ~/.keras/datasets (needs internet)"
+        + ("\n  or train on Fashion-MNIST instead, which installs offline: --dataset fashion_mnist "
+           "(make DATASET=fashion_mnist)" if name != "fashion_mnist" else "")
     )
 
 

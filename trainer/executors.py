@@ -11,11 +11,20 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
+from contract.layout import EXPERIMENT_MANIFEST, FAILED
+from contract.spec import RunSpec
 from trainer import interrupt
+from trainer.spec import Experiment
+
+if TYPE_CHECKING:  # imported when training starts: they load TensorFlow
+    from trainer.data import Dataset
+    from trainer.packed_model import PackedMLP
 
 EXECUTORS = ("local", "ray")
 # Errors that mean the disk, not the run, is at fault.
@@ -29,7 +38,7 @@ class ExecutorUnavailable(Exception):
 @dataclass(frozen=True)
 class Task:
     """One pack of runs to train; small and picklable, so it can cross to a worker or a Ray node."""
-    experiment: object         # trainer.spec.Experiment
+    experiment: Experiment
     indices: tuple[int, ...]   # positions in the experiment's grid (Experiment.packs)
     exp_dir: str
     allow_download: bool = True
@@ -55,16 +64,16 @@ def init_worker(threads: int | None) -> None:
     _threads_set = True
 
 
-def _data_key(experiment) -> tuple:
+def _data_key(experiment: Experiment) -> tuple:
     return experiment.dataset, experiment.validation, experiment.limit, experiment.data_path
 
 
-def share_dataset(experiment, data) -> None:
+def share_dataset(experiment: Experiment, data: "Dataset") -> None:
     """Runs trained in this process reuse `data` (the grid loaded it already)."""
     _data_cache[_data_key(experiment)] = data
 
 
-def _dataset(experiment, allow_download: bool):
+def _dataset(experiment: Experiment, allow_download: bool) -> "Dataset":
     from trainer import data as datasets
 
     key = _data_key(experiment)
@@ -75,17 +84,20 @@ def _dataset(experiment, allow_download: bool):
     return _data_cache[key]
 
 
-def train_one(task: Task, prepared=None) -> list[dict]:
+def train_one(task: Task, prepared: "PackedMLP | None" = None, out: TextIO | None = None) -> list[dict]:
     """Train a task's runs under their locks; a summary per run (`status` "busy" or
-    "skipped" when another trainer holds or finished it). `prepared`: see `prepare_task`."""
+    "skipped" when another trainer holds or finished it). `prepared`: see `prepare_task`.
+    Progress lines go to `out` (the grid's stream; a worker process's own stdout)."""
     from trainer.lock import RunLock, describe_owner, try_lock
-    from trainer.run import is_reusable, run_config
+    from trainer.manifest import is_reusable, run_config
+
+    out = out or sys.stdout
 
     experiment = task.experiment
     exp_dir = Path(task.exp_dir)
-    if not (exp_dir / "experiment.json").is_file():
+    if not (exp_dir / EXPERIMENT_MANIFEST).is_file():
         # On a cluster: the driver wrote it, so this node does not see the driver's log root.
-        raise FileNotFoundError(f"{exp_dir}/experiment.json is not visible from this worker: the log "
+        raise FileNotFoundError(f"{exp_dir}/{EXPERIMENT_MANIFEST} is not visible from this worker: the log "
                                 "root must be a path every node shares (e.g. an NFS mount)")
     data = _dataset(experiment, task.allow_download)
     interrupt.check()
@@ -106,8 +118,8 @@ def train_one(task: Task, prepared=None) -> list[dict]:
                 results.append({**result, "status": "skipped", "finished_status": done["status"]})
                 continue
             if lock.stale_owner:
-                print(f"{label}: taking over from a dead trainer ({describe_owner(lock.stale_owner)})", flush=True)
-            print(f"{label}: start", flush=True)
+                print(f"{label}: taking over from a dead trainer ({describe_owner(lock.stale_owner)})", file=out, flush=True)
+            print(f"{label}: start", file=out, flush=True)
             todo.append(result)
         if todo:
             manifests = train_runs(experiment, [experiment.runs[r["index"]] for r in todo], data,
@@ -120,7 +132,8 @@ def train_one(task: Task, prepared=None) -> list[dict]:
     return results
 
 
-def train_runs(experiment, specs, data, run_dirs, verbose: int = 0, prepared=None) -> list[dict]:
+def train_runs(experiment: Experiment, specs: list[RunSpec], data: "Dataset", run_dirs: list[Path],
+               verbose: int = 0, prepared: "PackedMLP | None" = None) -> list[dict]:
     """Final manifests of `specs` trained into `run_dirs`: a pack on the fused engine, or
     one run with `model.fit`."""
     try:
@@ -128,17 +141,17 @@ def train_runs(experiment, specs, data, run_dirs, verbose: int = 0, prepared=Non
             from trainer.packed import train_pack
 
             return train_pack(experiment, specs, data, run_dirs, prepared=prepared)
-        from trainer.run import train_run
+        from trainer.fit import train_run
 
         (spec,), (run_dir,) = specs, run_dirs
         return [train_run(experiment, spec, data, run_dir, verbose=verbose)]
     except OSError as exc:  # a manifest itself could not be written: the runs stay "running"
         if exc.errno not in DISK_ERRNOS:
             raise
-        return [{"status": "failed", "error": f"OSError: {exc.strerror}", "disk_error": True}] * len(specs)
+        return [{"status": FAILED, "error": f"OSError: {exc.strerror}", "disk_error": True}] * len(specs)
 
 
-def prepare_task(task: Task):
+def prepare_task(task: Task) -> "PackedMLP | None":
     """The fused engine's pack for `task`, built and compiled (None for a Keras run, or if
     preparing failed: training then builds it and reports any error as usual)."""
     experiment = task.experiment
@@ -153,7 +166,7 @@ def prepare_task(task: Task):
         return None
 
 
-def _run_here(tasks: list[Task]) -> Iterator[dict]:
+def _run_here(tasks: list[Task], out: TextIO | None) -> Iterator[dict]:
     """Tasks in this process, one after another, each next pack prepared in a thread while
     the current one trains: TensorFlow releases the GIL while it computes, and tracing and
     XLA compilation (1–3 s a pack) mostly use one core, so they overlap with training."""
@@ -168,15 +181,17 @@ def _run_here(tasks: list[Task]) -> Iterator[dict]:
             prepared = upcoming.result()
             if k + 1 < len(tasks):
                 upcoming = pool.submit(prepare_task, tasks[k + 1])
-            yield from train_one(task, prepared)
+            yield from train_one(task, prepared, out)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def run_local(tasks: list[Task], *, workers: int, threads: int | None) -> Iterator[dict]:
-    """Tasks in this process (workers=1) or in a pool of `workers` processes."""
+def run_local(tasks: list[Task], *, workers: int, threads: int | None,
+              out: TextIO | None = None) -> Iterator[dict]:
+    """Tasks in this process (workers=1) or in a pool of `workers` processes (which print
+    to their own stdout, the terminal they share with this one)."""
     if workers <= 1:
-        yield from _run_here(tasks)
+        yield from _run_here(tasks, out)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -236,5 +251,5 @@ def run_ray(tasks: list[Task], *, address: str | None, cpus_per_run: float, gpus
 
 def _failed(task: Task, error: str) -> list[dict]:
     """The results of a task that never reported back (its run folders, if any, say running)."""
-    return [{"index": i, "name": task.experiment.run_name(task.experiment.runs[i]), "status": "failed",
+    return [{"index": i, "name": task.experiment.run_name(task.experiment.runs[i]), "status": FAILED,
              "error": error} for i in task.indices]

@@ -9,14 +9,13 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from contract.layout import EXPERIMENT_MANIFEST, FAILED
+from contract.spec import RunSpec
 from trainer import data as datasets
+from trainer.events import write_hparams_config
 from trainer.executors import EXECUTORS, Task, run_local, run_ray, share_dataset
-from trainer.manifest import write_json_atomic
-from trainer.run import DISK_ERRORS, is_reusable, run_config
-from trainer.spec import Experiment, RunSpec
-from trainer.tblog import write_hparams_config
-
-EXPERIMENT_MANIFEST = "experiment.json"
+from trainer.manifest import DISK_ERRORS, is_reusable, run_config, write_json_atomic
+from trainer.spec import Experiment, ExperimentError
 
 
 class LogDirError(Exception):
@@ -42,14 +41,43 @@ def check_space(folder: Path, needed: int) -> None:
                           "Free some space or choose another folder with --logdir (LOGDIR= with make)")
 
 
+def _existing(folder: Path) -> Path:
+    """`folder`, or the nearest folder above it that exists."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
 def check_writable(folder: Path) -> None:
+    """The log folder, or the nearest folder above it that exists, takes a new file; nothing
+    is created (a grid refused later leaves no empty folder behind)."""
+    existing = _existing(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "not a folder", str(existing))
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
             pass
     except OSError as exc:
         raise LogDirError(f"cannot write to the log folder {folder}: {exc.strerror or exc}; "
                           "choose another with --logdir (LOGDIR= with make)") from None
+
+
+def check_fits(experiment: Experiment, train_examples: int, out: TextIO) -> None:
+    """Refuse settings the data cannot serve (ExperimentError, before anything is written);
+    warn about batch sizes that make every step a full pass over the data."""
+    noise = experiment.gradient_noise
+    if noise.enabled and noise.big_batch > train_examples:
+        raise ExperimentError(
+            f"[gradient_noise] measures with batches × small_batch = {noise.batches} × {noise.small_batch} = "
+            f"{noise.big_batch} training examples at once, but the data has {train_examples}"
+            f"{' (--limit ' + str(experiment.limit) + ')' if experiment.limit else ''}. Raise the limit to at "
+            f"least {noise.big_batch} (LIMIT= with make), lower [gradient_noise] small_batch or batches, or "
+            "turn it off with [gradient_noise] enabled = false")
+    full = sorted({s.batch_size for s in experiment.runs if s.batch_size >= train_examples})
+    if full:
+        print(f"warning: batch size {', '.join(map(str, full))} ≥ the {train_examples} training examples: each "
+              "such run takes one full-batch step per epoch, so runs that differ only in these batch sizes "
+              "give identical numbers. Raise --limit (LIMIT=) or drop those batch sizes", file=out, flush=True)
 
 
 def _duration(seconds: float) -> str:
@@ -101,6 +129,7 @@ def run_grid(experiment: Experiment, *, logdir: Path, verbose: int = 0,
     data = datasets.load(experiment.dataset, validation=experiment.validation,
                          limit=experiment.limit, path=experiment.data_path,
                          allow_download=allow_download)
+    check_fits(experiment, len(data.x_train), out)
     share_dataset(experiment, data)
     d = data.describe()
     print(f"{experiment.name}: {len(experiment.runs)} runs on {d['name']} from {d['source']} "
@@ -113,8 +142,9 @@ def run_grid(experiment: Experiment, *, logdir: Path, verbose: int = 0,
     # Decided once up front: which runs are already finished (the ETA counts the rest).
     finished = {i: is_reusable(exp_dir / names[i], run_config(experiment, experiment.runs[i], data))
                 for i in selected}
-    check_space(exp_dir, estimate_bytes([experiment.runs[i] for i in selected if not finished[i]],
+    check_space(_existing(exp_dir), estimate_bytes([experiment.runs[i] for i in selected if not finished[i]],
                                         len(data.x_train)))
+    exp_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(exp_dir / EXPERIMENT_MANIFEST, {
         "experiment": experiment.to_dict(), "dataset": d, "runs": names,
         "specs": [spec.to_dict() for spec in experiment.runs],
@@ -142,7 +172,7 @@ def run_grid(experiment: Experiment, *, logdir: Path, verbose: int = 0,
     if executor == "ray":
         results = run_ray(tasks, address=ray_address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run)
     else:
-        results = run_local(tasks, workers=workers, threads=threads)
+        results = run_local(tasks, workers=workers, threads=threads, out=out)
     t0, done = time.perf_counter(), 0
     for result in results:
         label = f"run {result['index'] + 1}/{total} {result['name']}"
@@ -165,10 +195,10 @@ def run_grid(experiment: Experiment, *, logdir: Path, verbose: int = 0,
                               f"Free space in {exp_dir} and run the same command again")
         left = len(todo) - done
         eta = f", ETA {_duration((time.perf_counter() - t0) / done * left)}" if left else ""
-        detail = error if status == "failed" else _metrics(result.get("final") or {})
+        detail = error if status == FAILED else _metrics(result.get("final") or {})
         wall = result.get("wall_seconds")
         took = f" in {wall:.1f}s" if isinstance(wall, (int, float)) else ""
         print(f"{label}: {status}{took} {detail}{eta}", file=out, flush=True)
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     print(f"{experiment.name}: grid done ({summary}); logs in {exp_dir}", file=out, flush=True)
-    return 1 if counts.get("failed") else 0
+    return 1 if counts.get(FAILED) else 0

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from trainer.manifest import read_json_dict, write_json_atomic
-
-LOCK_DIR = ".locks"
+from contract.files import read_json_dict
+from contract.layout import LOCK_DIR
+from trainer.manifest import write_json_atomic
 
 
 @dataclass

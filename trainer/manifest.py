@@ -1,53 +1,130 @@
-"""Run manifests (`run.json`): written atomically, read defensively."""
+"""A run's manifest (`run.json`) from start to end: the config that decides its numbers,
+the "running" record written before training, and the final record after it."""
 from __future__ import annotations
 
-import json
+import math
 import os
 import platform
-import tempfile
+import shutil
+import socket
+import time
+import traceback
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from trainer import faults
+import numpy as np
 
-# A run in one of these states has a result that rerunning the same spec would repeat.
-FINISHED: tuple[str, ...] = ("complete", "diverged")
-MANIFEST = "run.json"
+from contract import files
+from contract.layout import DIVERGED, FAILED, FINISHED, INTERRUPTED, RUN_MANIFEST, RUNNING
+from contract.spec import RunSpec
+from trainer import events, faults
+from trainer.data import Dataset
+from trainer.spec import Experiment
 
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`,
-    so a reader (or the next run) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        faults.point("manifest")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# How a full disk, a quota, a file-size limit or a read-only mount show up, from Python
+# (OSError) or from TensorFlow's C++ writers (a tf.errors message with the OS text).
+DISK_ERRORS = ("No space left on device", "Disk quota exceeded", "File too large", "Read-only file system")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    write_atomic(path, json.dumps(data, indent=2, allow_nan=False, default=str) + "\n")
-
-
-def read_json_dict(path: Path) -> dict | None:
-    """A JSON object from `path`, or None when it is missing, unreadable or not an object."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    """`contract.files.write_json_atomic` with the trainer's fault point `manifest`
+    between the temporary file and the rename (the crash tests kill it there)."""
+    files.write_json_atomic(path, data, before_replace=lambda: faults.point("manifest"))
 
 
 def read_manifest(run_dir: Path) -> dict | None:
     """The run's manifest, or None when it is missing or unreadable."""
-    return read_json_dict(run_dir / MANIFEST)
+    return files.read_json_dict(run_dir / RUN_MANIFEST)
+
+
+def one_line(exc: BaseException) -> str:
+    return "".join(traceback.format_exception_only(exc)).strip()
+
+
+def run_config(experiment: Experiment, spec: RunSpec, data: Dataset) -> dict:
+    """What decides a run's numbers; a finished run is reused only if this matches."""
+    return {
+        "spec": spec.to_dict(), "dataset": data.name, "validation": experiment.validation,
+        "limit": experiment.limit, "train_examples": int(len(data.x_train)),
+        "validation_examples": int(len(data.x_val)),
+        "gradient_noise": experiment.gradient_noise.to_dict(),
+        "engine": experiment.engine_of(spec),
+    }
+
+
+def is_reusable(run_dir: Path, config: dict) -> dict | None:
+    """The manifest of a finished run with the same config, else None."""
+    manifest = read_manifest(run_dir)
+    if manifest and manifest.get("status") in FINISHED and manifest.get("config") == config:
+        return manifest
+    return None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def begin_run(experiment: Experiment, spec: RunSpec, data: Dataset, run_dir: Path) -> dict:
+    """Empty `run_dir` and write its "running" manifest; returns the manifest.
+
+    Any earlier attempt's files are removed first, so TensorBoard never sees two
+    copies of a step.
+    """
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    manifest = {
+        "experiment": experiment.name, "run": run_dir.name, "config": run_config(experiment, spec, data),
+        "spec": spec.to_dict(), "seed": spec.seed, "status": RUNNING,
+        "start_time": _now(), "end_time": None, "wall_seconds": None, "steps": 0,
+        "examples_seen": 0, "epochs_completed": 0, "final": {},
+        "dataset": data.describe(), "engine": experiment.engine_of(spec),
+        "steps_per_execution": experiment.steps_per_execution,
+        "versions": library_versions(), "hardware": hardware(),
+        "worker": {"pid": os.getpid(), "host": socket.gethostname()},
+    }
+    write_json_atomic(run_dir / RUN_MANIFEST, manifest)
+    return manifest
+
+
+def finish_run(manifest: dict, *, run_dir: Path, writers: dict, status: str, start: float, steps: int,
+               train_examples: int, batch_size: int, epochs_done: int, final: dict,
+               noise_summary: dict | None = None, diverged_at: int | None = None) -> dict:
+    """Close the run's writers, mark its end in TensorBoard and write the final manifest."""
+    # A run whose event files could not be completely written is not finished, whatever
+    # training did: marking it failed keeps a half-written log out of the report.
+    log_errors = []
+    for writer in writers.values():
+        try:
+            writer.flush()
+            writer.close()
+        except Exception as exc:  # noqa: BLE001 - recorded, and the run is marked failed
+            log_errors.append(one_line(exc))
+    steps_per_epoch = math.ceil(train_examples / batch_size)
+    full, partial = divmod(steps, steps_per_epoch)
+    manifest.update({
+        "status": status, "end_time": _now(), "wall_seconds": round(time.perf_counter() - start, 3),
+        "steps": steps, "examples_seen": full * train_examples + partial * batch_size,
+        "epochs_completed": epochs_done,
+        "final": {k: (v if np.isfinite(v) else None) for k, v in final.items()},
+    })
+    if noise_summary is not None:
+        manifest["gradient_noise"] = noise_summary
+    if status == DIVERGED:
+        manifest["diverged_at_step"] = diverged_at
+    detail = {DIVERGED: f"non-finite loss by step {diverged_at}",
+              FAILED: manifest.get("error", "")}.get(status, "")
+    try:
+        events.write_run_status(run_dir, status, detail)
+    except Exception as exc:  # noqa: BLE001 - as above
+        log_errors.append(one_line(exc))
+    if log_errors and status != INTERRUPTED:
+        manifest["status"] = FAILED
+        manifest.setdefault("error", "event files could not be written: " + log_errors[0])
+    manifest["disk_error"] = any(e in manifest.get("error", "") for e in DISK_ERRORS)
+    write_json_atomic(run_dir / RUN_MANIFEST, manifest)
+    return manifest
 
 
 def library_versions() -> dict[str, str]:

@@ -4,9 +4,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from trainer.spec import RunSpec
-
-STEP_LOSS_TAG = "step_loss"
+from contract.layout import STEP_LOSS
+from contract.spec import RunSpec
 
 
 class StepLossModel(keras.Model):
@@ -18,13 +17,13 @@ class StepLossModel(keras.Model):
     whatever `tf.summary` writer is the default while `fit` runs.
     """
 
-    loss_diffs = None  # a trainer.noise.LossDiffs when the roughness of the curve is measured
+    loss_diffs = None  # a trainer.noise_probe.LossDiffs when the roughness of the curve is measured
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         loss = super().compute_loss(x, y, y_pred, sample_weight, training=training)
         if training:
             # iterations counts applied updates, so this step is number iterations + 1.
-            tf.summary.scalar(STEP_LOSS_TAG, loss, step=self.optimizer.iterations + 1)
+            tf.summary.scalar(STEP_LOSS, loss, step=self.optimizer.iterations + 1)
             if self.loss_diffs is not None:
                 self.loss_diffs.update(loss)
         return loss

@@ -1,6 +1,6 @@
-"""The gradient noise scale measured during training: a probe that takes mini-batch
+"""The gradient noise scale measured by the Keras engine: a probe that takes mini-batch
 gradients at fixed weights, in-graph sums for the loss curve's roughness, and the Keras
-callback that logs `gradient/*` scalars (estimator and EMA: `trainer.noise`)."""
+callback that logs the `gradient/` scalars (estimator and schedule: `contract.noise`)."""
 from __future__ import annotations
 
 import math
@@ -9,8 +9,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.noise import EPOCH_TAGS, PREFIX, STEP_TAGS, NoiseScaleEMA, two_batch_estimate
-from trainer.tblog import write_scalars
+from contract.noise import NoiseSchedule
+from trainer.events import write_scalars
 
 
 class GradientProbe:
@@ -105,68 +105,44 @@ class LossDiffs:
 
 
 class GradientNoise(keras.callbacks.Callback):
-    """Measures the noise scale every `settings.every` steps and at each epoch end, and
-    writes `gradient/*` scalars to the train writer.
+    """Measures the noise scale on `contract.noise.NoiseSchedule`'s schedule (every
+    `settings.every` steps and at each epoch end) and writes the `gradient/` scalars to
+    the train writer.
 
     With several steps per execution Keras calls back once per execution, so a
     measurement lands on the first callback at or after each multiple of K; the logged
-    step is the exact global step the weights were at. Small batches are drawn with
-    their own random stream (seeded by the run's seed), leaving training's shuffles alone.
+    step is the exact global step the weights were at.
     """
 
     def __init__(self, settings, *, x, y, batch_size: int, loss: str, seed: int, writer):
         super().__init__()
-        if settings.big_batch > len(x):
-            raise ValueError(f"[gradient_noise] needs batches × small_batch = {settings.big_batch} "
-                             f"training examples, the data has {len(x)}")
-        self.settings, self.x, self.y, self.batch_size = settings, x, y, batch_size
-        self.loss, self.writer = loss, writer
-        self.rng = np.random.default_rng([seed, 0x6E6F697365])
-        self.ema = NoiseScaleEMA(settings.beta)
+        self.schedule = NoiseSchedule(settings, examples=len(x), batch_size=batch_size, seed=seed)
+        self.x, self.y, self.loss, self.writer = x, y, loss, writer
         self.probe = None
-        self.measurements = 0
-        self.next_due = settings.every
-        self.last: dict | None = None  # the latest measurement, with its step
 
     def on_train_begin(self, logs=None):
         self.probe = GradientProbe(self.model, self.loss)
         self.model.loss_diffs = LossDiffs()
 
     def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
-        if step >= self.next_due:
-            self._measure(step)
-            self.next_due = (step // self.settings.every + 1) * self.settings.every
+        self._measure(int(self.model.optimizer.iterations.numpy()), epoch_end=False)
 
     def on_epoch_end(self, epoch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
-        m = self.last if self.last is not None and self.last["step"] == step else self._measure(step)
-        values = {"epoch_noise_at_batch": m["noise_at_batch"], "epoch_cosine": m["cosine"],
-                  "loss_roughness": self.model.loss_diffs.read_and_reset()}
-        if m.get("b_simple") is not None:
-            values["epoch_b_simple"] = m["b_simple"]
-        self._write(values, epoch)
+        self._measure(int(self.model.optimizer.iterations.numpy()), epoch_end=True)
+        write_scalars(self.writer, self.schedule.epoch_values(0, self.model.loss_diffs.read_and_reset()), epoch)
 
-    def _measure(self, step: int) -> dict:
-        s = self.settings
-        idx = self.rng.choice(len(self.x), size=s.big_batch, replace=False)  # k disjoint batches
-        one = self.rng.choice(len(self.x), size=min(self.batch_size, len(self.x)), replace=False)
-        xs = self.x[idx].reshape((s.batches, s.small_batch) + self.x.shape[1:])
-        ys = self.y[idx].reshape((s.batches, s.small_batch) + self.y.shape[1:])
+    def _measure(self, step: int, epoch_end: bool) -> None:
+        plan = self.schedule.plan(step, epoch_end)
+        if plan is None:
+            return
+        rows, one = plan
+        s = self.schedule.settings
+        xs = self.x[rows.ravel()].reshape((s.batches, s.small_batch) + self.x.shape[1:])
+        ys = self.y[rows.ravel()].reshape((s.batches, s.small_batch) + self.y.shape[1:])
         small_sq, big_sq, cosine = self.probe.measure(xs, ys, self.x[one], self.y[one])
-        g2, trace = two_batch_estimate(small_sq, big_sq, s.small_batch, s.big_batch)
-        self.ema.update(g2, trace)
-        self.measurements += 1
-        m = {"step": step, "G2": g2, "trace_sigma": trace, "b_simple": self.ema.b_simple,
-             "noise_at_batch": self.ema.trace / self.batch_size, "cosine": cosine}
-        self._write({k: v for k, v in m.items() if k in STEP_TAGS and v is not None}, step)
-        self.last = m
-        return m
-
-    def _write(self, values: dict, step: int) -> None:
-        write_scalars(self.writer, {PREFIX + tag: value for tag, value in values.items()}, step)
+        (values,) = self.schedule.record(step, [small_sq], [big_sq], [cosine])
+        write_scalars(self.writer, values, step)
 
     def summary(self) -> dict:
         """For run.json: the settings and how many measurements were taken."""
-        return {**self.settings.to_dict(), "measurements": self.measurements,
-                "tags": [PREFIX + t for t in STEP_TAGS + EPOCH_TAGS]}
+        return self.schedule.summary()

@@ -1,7 +1,7 @@
 """Experiment files: TOML in, a validated `Experiment` of frozen `RunSpec`s out.
 
-One `RunSpec` travels end to end: it names the run directory, becomes the
-TensorBoard hparams, is stored in `run.json`, and keys the report's rows.
+The spec itself, which both stages share, is `contract.spec.RunSpec`; this module checks
+what a user wrote and expands the grid.
 """
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from contract.layout import TEMPLATES, TEXT_LIMITS, control_characters
+from contract.spec import NOISE_FIELDS, RUN_FIELDS, NoiseSettings, RunSpec, format_value
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
@@ -27,7 +30,6 @@ DATASETS = ("mnist", "fashion_mnist")
 ENGINES = ("fused", "keras")
 FUSED_ARCHITECTURES = ("mlp", "linear")
 FUSED_LOSSES = ("sparse_categorical_crossentropy",)
-TEMPLATES = ("lab", "task")
 # Keras initializer names that take a seed; the documents' words map onto them.
 INITIALIZERS = (
     "glorot_normal", "glorot_uniform", "he_normal", "he_uniform", "lecun_normal",
@@ -52,71 +54,6 @@ _NAME_KEYS = {
 
 class ExperimentError(Exception):
     """A user error in an experiment file or option; the message names the fix."""
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """Everything that decides one training run's numbers."""
-
-    architecture: str = "mlp"
-    hidden: tuple[int, ...] = (128,)
-    activation: str = "relu"
-    initializer: str = "glorot_uniform"
-    batch_norm: bool = False
-    optimizer: str = "adam"
-    learning_rate: float = 0.001
-    loss: str = "sparse_categorical_crossentropy"
-    batch_size: int = 32
-    epochs: int = 10
-    seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["hidden"] = list(self.hidden)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunSpec":
-        d = dict(d)
-        d["hidden"] = tuple(d.get("hidden", ()))
-        return cls(**d)
-
-    @property
-    def uses_batch_norm(self) -> bool:
-        return self.batch_norm and self.architecture != "linear"  # the linear model has none
-
-    def pack_key(self) -> tuple:
-        """Runs with equal keys see the same batches in the same order, so the fused
-        engine can train them together (trainer.packed)."""
-        d = self.to_dict()
-        del d["initializer"], d["batch_norm"]
-        return tuple(sorted((k, repr(v)) for k, v in d.items()))
-
-    def hparams(self) -> dict[str, bool | int | float | str]:
-        """Flat values TensorBoard's HParams plugin accepts."""
-        d = dataclasses.asdict(self)
-        d["hidden"] = format_value(self.hidden)
-        return d
-
-
-RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunSpec))
-
-
-@dataclass(frozen=True)
-class NoiseSettings:
-    """How the gradient noise scale is measured ([gradient_noise] in the experiment file)."""
-    enabled: bool = True
-    every: int = 200        # measure every K training steps, and at each epoch end
-    small_batch: int = 64   # B_small
-    batches: int = 8        # k disjoint small batches; B_big = k·B_small
-    beta: float = 0.9       # EMA weight over measurements
-
-    @property
-    def big_batch(self) -> int:
-        return self.batches * self.small_batch
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "big_batch": self.big_batch}
 
 
 @dataclass(frozen=True)
@@ -174,16 +111,6 @@ class Experiment:
         return d
 
 
-def format_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, tuple):
-        return "x".join(str(v) for v in value) or "none"
-    if isinstance(value, float):
-        return format(value, "g")
-    return str(value)
-
-
 # --- loading -------------------------------------------------------------------------
 
 _TABLE_KEYS = {
@@ -192,7 +119,7 @@ _TABLE_KEYS = {
     "run": set(RUN_FIELDS),
     "grid": set(RUN_FIELDS) | {"repeats"},
     "execution": {"steps_per_execution", "engine", "pack"},
-    "gradient_noise": {f.name for f in dataclasses.fields(NoiseSettings)},
+    "gradient_noise": set(NOISE_FIELDS),
 }
 
 
@@ -274,7 +201,7 @@ class _Checker:
                       "'.', '_', '+' or '-' and start with a letter or digit; rename the file")
         meta = tables["experiment"]
         strings = {k: self.string(f"[experiment] {k}", meta.get(k, ""), allow_empty=True,
-                                  max_length=limit) for k, limit in _TEXT_LIMITS.items()}
+                                  max_length=limit) for k, limit in TEXT_LIMITS.items()}
         date = meta.get("date", "")
         if not isinstance(date, str):  # TOML dates arrive as datetime.date
             date = date.isoformat() if hasattr(date, "isoformat") else self.string("[experiment] date", date)
@@ -426,7 +353,7 @@ class _Checker:
         if not isinstance(value, str) or (not allow_empty and not value):
             self.fail(label, f"must be a string, got {value!r}")
             return ""
-        bad = sorted({f"U+{ord(c):04X}" for c in value if _CONTROL_RE.match(c)})
+        bad = control_characters(value)
         if bad:
             self.fail(label, f"contains control character(s) {', '.join(bad)}; remove them")
             return ""
@@ -446,9 +373,6 @@ class _Checker:
 
 _BAD = object()
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
-# Control characters other than tab and newline: NUL and friends break HTML and PDF text.
-_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-_TEXT_LIMITS = {"title": 300, "author": 300, "id": 100, "objective": 4000}
 
 
 def _example(key: str) -> str:

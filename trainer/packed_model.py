@@ -1,0 +1,423 @@
+"""The fused engine's model: the members of a pack as one set of stacked variables, with
+compiled functions for a chunk of training steps, the validation pass and the gradient
+probe.
+
+Runs that differ only in initializer and batch norm (same architecture, optimizer,
+learning rate, batch size, epochs and seed) see the same batches in the same order, so
+they can share each step: their first layers become one wide matmul, later layers batched
+matmuls over a leading "member" axis. Members share no weights and the loss is the sum of
+their losses, so each member's gradient is its own loss's gradient; every optimizer we
+offer updates element by element, so each member trains as it would alone (up to float
+rounding in the wider matmul).
+
+Written by hand because neither Keras nor TensorFlow trains several independent models
+as one program (Keras has no vmap over models on the TensorFlow backend), and on a
+laptop CPU it is per-step overhead, not arithmetic, that makes small models slow. The
+members' initial weights come from the same Keras models `model.fit` would train
+(`trainer.models.build_model`), and the optimizer is Keras'. The step loop around it is
+`trainer.packed`.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from contract.spec import RunSpec
+from trainer import events
+from trainer.data import Dataset
+from trainer.models import build_model, make_optimizer, summarize
+
+# keras.layers.BatchNormalization's defaults, which build_model uses.
+BN_EPSILON, BN_MOMENTUM = 1e-3, 0.99
+EVAL_CHUNK = 2048  # validation examples per step of the validation pass
+
+
+class Members(NamedTuple):
+    """What a pack takes from its runs: read from the same Keras models `model.fit` would
+    train (`read_members`)."""
+    specs: list[RunSpec]        # batch-norm members last
+    units: list[int]            # the hidden layers' widths, the same for every member
+    summaries: list[dict]       # per member: the model summary for run.json
+    values: list[np.ndarray]    # initial values in the order of `PackedMLP.state`
+
+
+def read_members(specs: list[RunSpec], input_shape: tuple[int, ...], classes: int) -> Members:
+    """The members' initial values: kernels, biases, then per hidden layer gamma, beta,
+    moving mean and variance of the normed members."""
+    if [s.uses_batch_norm for s in specs] != sorted(s.uses_batch_norm for s in specs):
+        raise ValueError("members with batch norm must come last")
+    if len({s.pack_key() for s in specs}) != 1:
+        raise ValueError("a pack's members must differ only in initializer and batch norm")
+    dense, norms, summaries = [], [], []
+    for spec in specs:
+        model = build_model(spec, input_shape=input_shape, classes=classes)
+        summaries.append(summarize(model))
+        dense.append([(l.kernel.numpy(), l.bias.numpy()) for l in model.layers
+                      if isinstance(l, keras.layers.Dense)])
+        if spec.uses_batch_norm:
+            norms.append([[v.numpy() for v in (l.gamma, l.beta, l.moving_mean, l.moving_variance)]
+                          for l in model.layers if isinstance(l, keras.layers.BatchNormalization)])
+    kernels = [np.concatenate([d[0][0] for d in dense], axis=1)]
+    biases = [np.concatenate([d[0][1] for d in dense])]
+    for layer in range(1, len(dense[0])):
+        kernels.append(np.stack([d[layer][0] for d in dense]))
+        biases.append(np.stack([d[layer][1][None] for d in dense]))
+    normed = [np.stack([n[layer][j][None] for n in norms]) for layer in range(len(norms[0]) if norms else 0)
+              for j in range(4)]
+    return Members(specs=list(specs), units=[k.shape[1] for k, _ in dense[0][:-1]], summaries=summaries,
+                   values=[np.asarray(v, np.float32) for v in kernels + biases + normed])
+
+
+class PackedMLP:
+    """The members' dense layers stacked on a leading member axis (members with batch
+    norm last, so batch norm applies to one contiguous block), with compiled functions
+    for a chunk of training steps, evaluation and gradient probes.
+
+    Variables: the first layer's kernel is [inputs, members × units] (one matmul for all
+    members: they share the input), later kernels [members, in, out], biases and batch
+    norm parameters [members, 1, units].
+    """
+
+    def __init__(self, specs: list[RunSpec], *, input_shape: tuple[int, ...], classes: int,
+                 probe: tuple[int, int, int] | None = None):
+        self.key = structure_key(specs, input_shape, classes)
+        first = specs[0]
+        self.input_shape, self.classes = tuple(input_shape), classes
+        self.members = len(specs)
+        self.normed = sum(s.uses_batch_norm for s in specs)
+        self.inputs = int(np.prod(input_shape))
+        self.activation = keras.activations.get("linear" if first.architecture == "linear" else first.activation)
+        members = read_members(specs, self.input_shape, classes)
+        self.units = members.units  # fixed by the structure: `_unpack` and `forward` read it
+        self._take(members, probe)
+        kernels, biases, norms = self._unpack(members.values)
+        m = self.members
+        self.kernels = [tf.Variable(v) for v in kernels]
+        self.biases = [tf.Variable(v) for v in biases]
+        # Per hidden layer: gamma, beta, moving mean, moving variance of the normed members.
+        self.norms = [[tf.Variable(v, trainable=j < 2) for j, v in enumerate(n)] for n in norms]
+        self.state = self.kernels + self.biases + [v for n in self.norms for v in n]
+        self.trainable = self.kernels + self.biases + [v for n in self.norms for v in n[:2]]
+        self.optimizer = make_optimizer(first)
+        self.optimizer.build(self.trainable)
+        self._optimizer_start = [v.numpy() for v in self.optimizer.variables]
+        # Per trainable variable: its elementwise product of two gradients (float32) summed
+        # per member, [members] in float64: rows of at most a layer's width are summed in
+        # float32, and those partial sums in float64 (as exact as summing it all in float64
+        # to ≈1e-7, and ≈8 ms a probe faster). The first kernel is [inputs, members × units]:
+        # summed over inputs and units without a transpose; members without batch norm
+        # have no gamma or beta (0).
+        first_units = self.units[0]
+        def first_kernel(t):
+            rows = tf.reduce_sum(tf.reshape(t, [self.inputs, m, first_units]), axis=2)
+            return tf.reduce_sum(tf.cast(rows, tf.float64), axis=0)
+
+        def per_member(t, members):  # t: [members, …, width], or [members × width]
+            width = t.shape[-1] if t.shape.rank > 1 else t.shape[0] // members
+            rows = tf.reduce_sum(tf.reshape(t, [members, -1, width]), axis=2)
+            return tf.reduce_sum(tf.cast(rows, tf.float64), axis=1)
+
+        def stacked(t):
+            return per_member(t, m)
+
+        def normed(t):
+            return tf.concat([tf.zeros([m - self.normed], tf.float64), per_member(t, self.normed)], axis=0)
+
+        self._member_sums = ([first_kernel] + [stacked] * (len(self.kernels) - 1)
+                             + [stacked] * len(self.biases) + [normed] * (2 * len(self.norms)))
+        # The compiled functions, made at the first call with the batch sizes left open in
+        # their signatures: one trace (≈0.3 s for training, ≈0.5 s for the probe) then
+        # serves every pack this object trains (`load`), and XLA compiles each batch size
+        # once.
+        self.train_chunk = self.probe = None
+        self._pending: dict[str, Future] = {}  # see warm_up
+
+    def validator(self, t: "Tensors"):
+        """The validation pass for packs of this structure: one XLA program that takes the
+        weights as arguments, so it is compiled once per structure and process, not once
+        per batch size as it would be inside `train_chunk` (≈0.5 s of CPU each)."""
+        with _VALIDATE_LOCK:
+            if self.key not in _VALIDATE:
+                state = [tf.TensorSpec(v.shape, v.dtype) for v in self.state]
+                chunks = [tf.TensorSpec([None, None, *v.shape[2:]], v.dtype) for v in (t.x_val, t.y_val, t.w_val)]
+                _VALIDATE[self.key] = tf.function(self._validate, jit_compile=True, autograph=False,
+                                                  input_signature=[state, *chunks])
+            return _VALIDATE[self.key]
+
+    def _take(self, members: Members, probe: tuple[int, int, int] | None) -> None:
+        """Hold `members` as the runs this pack trains (their values are assigned by the
+        caller): their specs and model summaries, and the probe's shape."""
+        self.specs, self.summaries = members.specs, members.summaries
+        # (batches, small batch, one batch) of the gradient-noise probe, or None: no probe.
+        self.probe_shape = probe
+
+    def load(self, specs: list[RunSpec], probe: tuple[int, int, int] | None) -> None:
+        """Start over as the pack of `specs` (same `structure_key`): their initial weights,
+        the optimizer's starting state; the traced and compiled functions are kept."""
+        if structure_key(specs, self.input_shape, self.classes) != self.key:
+            raise ValueError("a pack can only be loaded with runs of the same structure")
+        members = read_members(specs, self.input_shape, self.classes)
+        for variable, value in zip(self.state, members.values):
+            variable.assign(value)
+        self._take(members, probe)
+        for variable, value in zip(self.optimizer.variables, self._optimizer_start):
+            variable.assign(value)
+
+    def _functions(self, t: "Tensors") -> None:
+        if self.train_chunk is not None:
+            return
+        def spec(tensor, open_dims):  # the first `open_dims` dimensions left open
+            return tf.TensorSpec([None] * open_dims + tensor.shape[open_dims:].as_list(), tensor.dtype)
+
+        # autograph=False: the loops are written as tf.while_loop, and converting Keras'
+        # optimizer code with autograph would cost ≈1 s of tracing per pack.
+        self.train_chunk = tf.function(
+            self._train_chunk, jit_compile=True, autograph=False,
+            input_signature=[spec(t.x, 1), spec(t.y, 1), tf.TensorSpec([None, None], tf.int32),
+                             tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32)])
+        # The probe is not compiled with XLA: its backward passes add ≈0.9 s
+        # to a pack's compilation, more than the ≈66 calls of a lab grid gain from it.
+        self.probe = tf.function(
+            self._probe, autograph=False,
+            input_signature=[tf.TensorSpec([None, None, self.inputs], t.x.dtype),
+                             tf.TensorSpec([None, None], t.y.dtype), spec(t.x, 1), spec(t.y, 1)])
+
+    def warm_up(self, data: Dataset, steps_per_execution: int) -> None:
+        """Trace and compile the functions with the shapes training will use, changing no
+        state (zero steps; the probe only reads), so that this can run in a thread while
+        another pack trains. What training needs only after its first steps (the probe,
+        the validation pass, the event writer) is traced in the background thread, while
+        XLA compiles the training program here (C++, without the GIL) and on into the
+        pack's training; `run_chunk` waits for it where it is used."""
+        t = tensors(data)
+        self._functions(t)
+        _BACKGROUND.submit(events.warm_up, self.members)  # the writing thread waits for it if need be
+        self._pending = {"validate": _BACKGROUND.submit(self._warm_up_validator, t)}
+        if self.probe_shape is not None:
+            k, small, one = self.probe_shape
+            self._pending["probe"] = _BACKGROUND.submit(
+                self.probe, tf.zeros((k, small, self.inputs), t.x.dtype), tf.zeros((k, small), t.y.dtype),
+                t.x[:one], t.y[:one])
+        batch = self.specs[0].batch_size
+        self.run_chunk(data, np.zeros((steps_per_execution, batch), np.int32),
+                       np.zeros(steps_per_execution, np.int32), 0)
+
+    def _warm_up_validator(self, t: "Tensors") -> None:
+        """Compile the validation pass for these shapes, once per process (on zero weights:
+        the pack may be training meanwhile)."""
+        shapes = (self.key, tuple(t.x_val.shape))
+        if shapes not in _VALIDATE_WARM:
+            self.validator(t)([tf.zeros(v.shape, v.dtype) for v in self.state], t.x_val, t.y_val, t.w_val)
+            _VALIDATE_WARM.add(shapes)
+
+    def _ready(self, name: str) -> None:
+        """Wait for `warm_up`'s background work `name` (and raise its error, if any)."""
+        job = self._pending.pop(name, None)
+        if job is not None:
+            job.result()
+
+    def run_chunk(self, data: Dataset, idx: np.ndarray, counts: np.ndarray, steps: int, *,
+                  probe: tuple[np.ndarray, np.ndarray] | None = None, validate: bool = False) -> dict:
+        """`steps` training steps on the rows idx[i, :counts[i]] of the training set; then,
+        if given, the gradient probe on the rows `probe` = (small batches [k, B_small],
+        one batch), and if `validate`, the validation pass. numpy arrays:
+        "losses" [len(idx), members] (the first `steps` rows real), "loss_sum" and
+        "right_sum" per member (loss × examples, right answers); "probe": see `_probe`;
+        "val_loss", "val_accuracy" per member."""
+        t = tensors(data)
+        self._functions(t)
+        out = self.train_chunk(t.x, t.y, idx, counts, tf.constant(steps, tf.int32))
+        if validate:
+            self._ready("validate")
+            out["val_loss_sum"], out["val_right"] = self.validator(t)(self.state, t.x_val, t.y_val, t.w_val)
+        out = {key: value.numpy() for key, value in out.items()}
+        if probe is not None:
+            if self.probe_shape is None:
+                raise ValueError("this pack was built without a gradient probe")
+            rows, one = probe
+            self._ready("probe")
+            out["probe"] = tuple(v.numpy() for v in self.probe(
+                tf.gather(t.x, rows), tf.gather(t.y, rows), tf.gather(t.x, one), tf.gather(t.y, one)))
+        if validate:
+            n_val = len(data.x_val)
+            out["val_loss"], out["val_accuracy"] = out.pop("val_loss_sum") / n_val, out.pop("val_right") / n_val
+        return out
+
+    @property
+    def steps(self) -> int:
+        return int(self.optimizer.iterations.numpy())
+
+    # -- the model --------------------------------------------------------------------
+
+    def forward(self, x, weight, count, *, training: bool, update_statistics: bool = False, state=None):
+        """Logits [members, batch, classes] for x [batch, inputs]; `weight` masks padding
+        rows (batch statistics and losses use only the `count` real ones). `state`: values
+        in the order of `self.state` to use instead of the variables (no statistics update)."""
+        kernels, biases, norms = self._unpack(self.state if state is None else state)
+        h = self.activation(tf.matmul(x, kernels[0]) + biases[0])
+        h = tf.transpose(tf.reshape(h, [-1, self.members, self.units[0]]), [1, 0, 2])
+        for layer in range(len(self.units)):
+            if layer:
+                h = self.activation(tf.matmul(h, kernels[layer]) + biases[layer])
+            if self.normed:
+                h = self._batch_norm(h, norms[layer], weight, count, training, update_statistics)
+        return tf.matmul(h, kernels[-1]) + biases[-1]
+
+    def _unpack(self, state: list) -> tuple[list, list, list]:
+        """Values (or variables) in the order of `self.state` as (kernels, biases, per
+        normed hidden layer [gamma, beta, moving mean, moving variance])."""
+        layers = len(self.units) + 1
+        rest = state[2 * layers:]
+        return state[:layers], state[layers:2 * layers], [rest[4 * i:4 * i + 4] for i in range(len(rest) // 4)]
+
+    def _batch_norm(self, h, norm, weight, count, training, update_statistics):
+        gamma, beta, moving_mean, moving_var = norm
+        plain, normed = h[:self.members - self.normed], h[self.members - self.normed:]
+        if training:
+            w = weight[None, :, None]
+            mean = tf.reduce_sum(normed * w, axis=1, keepdims=True) / count
+            var = tf.reduce_sum(tf.square(normed - mean) * w, axis=1, keepdims=True) / count
+            if update_statistics:
+                moving_mean.assign(moving_mean * BN_MOMENTUM + mean * (1 - BN_MOMENTUM))
+                moving_var.assign(moving_var * BN_MOMENTUM + var * (1 - BN_MOMENTUM))
+        else:
+            mean, var = moving_mean, moving_var
+        normed = (normed - mean) * tf.math.rsqrt(var + BN_EPSILON) * gamma + beta
+        return tf.concat([plain, normed], axis=0)
+
+    def _losses(self, logits, y, weight, count):
+        """Per member: the mean loss over the real rows, and the count of right answers."""
+        labels = tf.broadcast_to(y[None], [self.members, tf.shape(y)[0]])
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+        right = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype), labels), tf.float32)
+        return tf.reduce_sum(ce * weight, axis=1) / count, tf.reduce_sum(right * weight, axis=1)
+
+    # -- compiled functions -----------------------------------------------------------
+
+    def _train_chunk(self, x_all, y_all, idx, counts, n_steps):
+        """`n_steps` training steps on the rows idx[i, :counts[i]]."""
+        batch = tf.shape(idx)[1]
+
+        def step(i, losses, loss_sum, right_sum):
+            count = tf.cast(counts[i], tf.float32)
+            weight = tf.cast(tf.range(batch) < counts[i], tf.float32)
+            x, y = tf.gather(x_all, idx[i]), tf.gather(y_all, idx[i])
+            with tf.GradientTape() as tape:
+                logits = self.forward(x, weight, count, training=True, update_statistics=True)
+                loss, right = self._losses(logits, y, weight, count)
+                total = tf.reduce_sum(loss)
+            self.optimizer.apply(tape.gradient(total, self.trainable), self.trainable)
+            losses = tf.tensor_scatter_nd_update(losses, [[i]], loss[None])
+            return i + 1, losses, loss_sum + loss * count, right_sum + right
+
+        zeros = tf.zeros([self.members])
+        _, losses, loss_sum, right_sum = tf.while_loop(
+            lambda i, *_: i < n_steps, step,
+            (tf.constant(0), tf.zeros([tf.shape(idx)[0], self.members]), zeros, zeros))
+        return {"losses": losses, "loss_sum": loss_sum, "right_sum": right_sum}
+
+    def _validate(self, state, x_val, y_val, w_val):
+        """Per member: the summed validation loss and right answers over the chunks
+        x_val[c] (inference mode: moving statistics; w_val masks the padding rows), for
+        the weights and statistics `state` (values in the order of `self.state`)."""
+        def chunk(c, loss_sum, right_sum):
+            count = tf.reduce_sum(w_val[c])
+            loss, right = self._losses(self.forward(x_val[c], w_val[c], count, training=False, state=state),
+                                       y_val[c], w_val[c], count)
+            return c + 1, loss_sum + loss * count, right_sum + right
+
+        zeros = tf.zeros([self.members])
+        _, loss_sum, right_sum = tf.while_loop(lambda c, *_: c < tf.shape(x_val)[0], chunk,
+                                               (tf.constant(0), zeros, zeros))
+        return loss_sum, right_sum
+
+    def _gradient(self, x, y):
+        """The members' gradients at the current weights, as a training step sees them
+        (batch statistics) but changing nothing (no moving-statistics update)."""
+        weight = tf.ones([tf.shape(x)[0]])
+        count = tf.reduce_sum(weight)
+        with tf.GradientTape() as tape:
+            loss, _ = self._losses(self.forward(x, weight, count, training=True), y, weight, count)
+            total = tf.reduce_sum(loss)
+        return tape.gradient(total, self.trainable)
+
+    def _dot(self, a, b):
+        """Per member: the dot product of two gradients (lists like `trainable`), float64."""
+        return tf.add_n([member_sum(ga * gb) for member_sum, ga, gb in zip(self._member_sums, a, b)])
+
+    def _probe(self, xs, ys, x_one, y_one):
+        """As `trainer.noise_probe.GradientProbe.measure`, per member: mean |G_small|² over
+        the k batches xs[i], |G_big|² of their mean, and cosine(G of (x_one, y_one), G_big)."""
+        k = tf.shape(xs)[0]
+
+        def add(i, total, squares):
+            g = self._gradient(xs[i], ys[i])
+            return i + 1, [t + gi for t, gi in zip(total, g)], squares + self._dot(g, g)
+
+        _, total, squares = tf.while_loop(
+            lambda i, *_: i < k, add,
+            (tf.constant(0), [tf.zeros(v.shape, v.dtype) for v in self.trainable],
+             tf.zeros([self.members], tf.float64)))
+        big = [t / tf.cast(k, t.dtype) for t in total]
+        one = self._gradient(x_one, y_one)
+        big_sq = self._dot(big, big)
+        cosine = self._dot(one, big) / tf.sqrt(self._dot(one, one) * big_sq)
+        return squares / tf.cast(k, tf.float64), big_sq, cosine
+
+
+
+class Tensors(NamedTuple):
+    x: tf.Tensor      # training inputs [examples, inputs]
+    y: tf.Tensor      # training labels [examples]
+    x_val: tf.Tensor  # validation inputs in chunks [chunks, EVAL_CHUNK, inputs], zero-padded
+    y_val: tf.Tensor  # [chunks, EVAL_CHUNK]
+    w_val: tf.Tensor  # 1 for a real row, 0 for padding
+
+
+_TENSORS: dict[int, tuple[Dataset, Tensors]] = {}
+# The validation pass per structure_key (see `PackedMLP.validator`).
+_VALIDATE: dict[tuple, tf.types.experimental.PolymorphicFunction] = {}
+_VALIDATE_LOCK = threading.Lock()
+_VALIDATE_WARM: set[tuple] = set()  # (structure key, validation chunks' shape) compiled
+# Where `PackedMLP.warm_up` traces and compiles what training needs only after its first steps.
+_BACKGROUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-up")
+
+
+def tensors(data: Dataset) -> Tensors:
+    """The dataset as tensors, made once per dataset and shared by every pack this process
+    trains."""
+    entry = _TENSORS.get(id(data))
+    if entry is None or entry[0] is not data:
+        _TENSORS.clear()
+        n, size = len(data.x_val), min(EVAL_CHUNK, len(data.x_val))
+        chunks = math.ceil(n / size)
+        x_val = np.zeros((chunks * size, int(np.prod(data.x_val.shape[1:]))), np.float32)
+        x_val[:n] = data.x_val.reshape(n, -1)
+        y_val = np.zeros(chunks * size, data.y_val.dtype)
+        y_val[:n] = data.y_val
+        w_val = (np.arange(chunks * size) < n).astype(np.float32)
+        entry = (data, Tensors(tf.constant(data.x_train.reshape(len(data.x_train), -1)), tf.constant(data.y_train),
+                               tf.constant(x_val.reshape(chunks, size, -1)), tf.constant(y_val.reshape(chunks, size)),
+                               tf.constant(w_val.reshape(chunks, size))))
+        _TENSORS[id(data)] = entry
+    return entry[1]
+
+
+def structure_key(specs: list[RunSpec], input_shape: tuple[int, ...], classes: int) -> tuple:
+    """Packs with equal keys have the same variables and compiled functions; they differ
+    only in initializers, batch size, epochs and seed."""
+    d = specs[0].to_dict()
+    for name in ("initializer", "batch_norm", "batch_size", "epochs", "seed"):
+        del d[name]
+    return (tuple(sorted((k, repr(v)) for k, v in d.items())), tuple(s.uses_batch_norm for s in specs),
+            tuple(input_shape), classes)
+
+
+# Packs whose training is over, kept for the next pack of the same structure: loading new
+# runs into one reuses its traced functions (≈0.8 s a pack) and any XLA program already
