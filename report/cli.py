@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from contract.files import write_atomic
     from report.build import build
     from report.load import LogsError, load_logs
-    from report.render import render_html, render_pdf
+    from report.render import missing_glyphs, render_html, render_pdf
 
     logging.getLogger("weasyprint").setLevel(logging.ERROR)
     logging.getLogger("fontTools").setLevel(logging.ERROR)
@@ -115,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         write_atomic(out / "report.html", html)
         written.append(out / "report.html")
     if "pdf" in args.formats:
+        missing = missing_glyphs(html_text(context))
+        if missing:
+            print(f"warning: no installed font has {len(missing)} character(s) of this report "
+                  f"({' '.join(missing[:12])}{' …' if len(missing) > 12 else ''}): the PDF shows them as empty "
+                  "boxes. Install fonts that cover them (apt-get install fonts-noto-cjk fonts-noto-color-emoji) "
+                  "or read the HTML, which your browser renders with its own fonts", file=sys.stderr)
         pdf, refused = render_pdf(html)
         write_atomic(out / "report.pdf", pdf)
         written.append(out / "report.pdf")
@@ -126,3 +132,17 @@ def main(argv: list[str] | None = None) -> int:
           f"{logs.cache_hits} of {logs.cache_hits + logs.cache_misses} event files from the parse cache, "
           f"{figure_cache.hits} of {figure_cache.hits + figure_cache.misses} figures from the figure cache)")
     return 0
+
+
+def html_text(context: dict) -> str:
+    """The words of a report (title block, sections, captions, tables), for the font check."""
+    parts = [str(context.get(k, "")) for k in ("title", "author", "id", "date", "draft")]
+    for section in context["sections"]:
+        parts.append(section.title)
+        for block in section.blocks:
+            parts += [str(block.get(k, "")) for k in ("text", "caption")] + list(block.get("items", []))
+            if block.get("table") is not None:
+                t = block["table"]
+                parts += [t.caption, *t.columns, *(v for row in t.rows for v in row)]
+    return "\n".join(parts)
+

@@ -52,3 +52,22 @@ def render_pdf(html: str) -> tuple[bytes, list[str]]:
     fetcher = OwnAssetsOnly(allowed_protocols=("data",))
     pdf = HTML(string=html, base_url="about:blank", url_fetcher=fetcher).write_pdf()
     return pdf, refused
+
+
+def missing_glyphs(text: str, *, limit: int = 200) -> list[str]:
+    """The characters of `text` that no installed font covers (so the PDF would show empty
+    boxes), asked of fontconfig, which the PDF renderer itself uses; [] when fontconfig's
+    `fc-list` is not there to ask."""
+    import shutil
+    import subprocess
+
+    if shutil.which("fc-list") is None:
+        return []
+    # Latin, Greek and Cyrillic are in the DejaVu fonts weasyprint needs; ask about the rest.
+    chars = sorted({c for c in text if ord(c) > 0x04FF and c.isprintable() and not c.isspace()})[:limit]
+    missing = []
+    for c in chars:
+        found = subprocess.run(["fc-list", f":charset={ord(c):x}", "family"], capture_output=True, text=True)
+        if found.returncode == 0 and not found.stdout.strip():
+            missing.append(c)
+    return missing

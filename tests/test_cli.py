@@ -185,3 +185,22 @@ def test_an_offline_mnist_preset_names_fashion_mnist_as_the_way_out(tmp_path):
     result = _train("-e", "smoke", "--dataset", "mnist", "--no-download", "--logdir", str(tmp_path / "l"))
     assert result.returncode == 2 and "--dataset fashion_mnist (make DATASET=fashion_mnist)" in result.stderr
     assert not (tmp_path / "l").exists()
+
+
+def test_characters_no_font_covers_are_named_before_the_pdf_shows_boxes(fixture_logs, tmp_path):
+    from report.render import missing_glyphs
+
+    logs = tmp_path / "logs"
+    shutil.copytree(fixture_logs, logs)
+    exp = json.loads((logs / EXPERIMENT_MANIFEST).read_text())
+    exp["experiment"]["author"] = "李华 😀 Zoë"
+    (logs / EXPERIMENT_MANIFEST).write_text(json.dumps(exp))
+    expected = missing_glyphs("李华😀Zoë")
+    assert "Z" not in expected and "ë" not in expected  # DejaVu covers Latin
+    result = _report("--logdir", str(logs), "--out", str(tmp_path / "out"), "--format", "pdf")
+    assert result.returncode == 0
+    if shutil.which("fc-list") and expected:
+        assert f"no installed font has {len(expected)} character(s)" in result.stderr
+        assert all(c in result.stderr for c in expected) and "fonts-noto-cjk" in result.stderr
+    else:
+        assert "no installed font" not in result.stderr

@@ -149,8 +149,8 @@ def test_bad_options_name_the_valid_values(fixture_logs, capsys):
 
 
 def test_missing_logdir_names_the_fix(tmp_path, capsys):
-    assert main(["--logdir", str(tmp_path / "lab3")]) == 2
-    assert "make train EXPERIMENT=lab3" in capsys.readouterr().err
+    assert main(["--logdir", str(tmp_path / "lab3-mnist")]) == 2
+    assert f"make train EXPERIMENT=lab3-mnist LOGDIR={tmp_path}" in capsys.readouterr().err
 
 
 def test_hostile_strings_are_inert(fixture_logs, tmp_path):
