@@ -6,6 +6,7 @@ import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,8 +30,16 @@ def env_with(**extra) -> dict:
 
 
 def start(cmd, **env) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, env=env_with(**env))
+    """The trainer, its stderr kept in a file (`stderr_of`) so that a failure says why."""
+    err = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True, env=env_with(**env))
+    proc.errfile = err
+    return proc
+
+
+def stderr_of(proc: subprocess.Popen) -> str:
+    proc.errfile.seek(0)
+    return proc.errfile.read().decode("utf-8", "replace")[-4000:]
 
 
 def wait_for_line(proc: subprocess.Popen, needle: str) -> list[str]:
@@ -124,7 +133,7 @@ def test_sigkill_at_any_moment_loses_nothing(tmp_path, synthetic_npz, smoke):
             kills += 1
             continue
         # Not killed (the named point was never reached): this rerun must finish the grid.
-        assert proc.returncode == 0, output
+        assert proc.returncode == 0, output + "\nstderr:\n" + stderr_of(proc)
         assert len(found) == 8 and all(m["status"] == "complete" for m in found.values())
         assert report_structure(exp_dir, tmp_path / f"report{grid}") == reference
         completions += 1
