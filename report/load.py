@@ -144,7 +144,7 @@ def read_event_files(logdir: Path, problems: list[str], cache: ParseCache | None
     Then it is read with tbparse in long format. Both results are cached per file.
     """
     cache = cache or ParseCache(None)
-    frames, damaged = [], set()
+    frames, damaged, tensorflow_loaded = [], set(), False
     for path in sorted(logdir.glob(f"*/*/{EVENT_FILE_GLOB}")):
         run, split = path.parent.parent.name, path.parent.name
         if run.startswith(".") or split not in SPLITS:
@@ -153,7 +153,9 @@ def read_event_files(logdir: Path, problems: list[str], cache: ParseCache | None
         cached = cache.get(path, relpath)
         if cached is None:
             key = cache.key(path, relpath)
-            quietly(lambda: __import__("tbparse"), verbose=verbose)  # once: TensorFlow's start-up lines
+            if not tensorflow_loaded:  # at the first file to parse: TensorFlow's start-up lines dropped
+                quietly(lambda: __import__("tbparse"), verbose=verbose)
+                tensorflow_loaded = True
             df, header = _parse(path)
             cache.put(path, relpath, df, header, key)
         else:

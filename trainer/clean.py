@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from fnmatch import fnmatch
 from pathlib import Path
 
 from contract.files import read_json_dict
-from contract.layout import EXPERIMENT_MANIFEST, LOCK_DIR, REPORT_OUTPUTS, RUN_MANIFEST
+from contract.layout import EVENT_FILE_GLOB, EXPERIMENT_MANIFEST, LOCK_DIR, REPORT_OUTPUTS, RUN_MANIFEST
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXIT_REFUSED = 2
@@ -41,7 +42,7 @@ def log_folder_problem(folder: Path) -> str | None:
     planned = set(manifest.get("runs") or [])
     foreign = []
     for entry in folder.iterdir():
-        if entry.name in (EXPERIMENT_MANIFEST, LOCK_DIR) or entry.name.startswith("events.out.tfevents."):
+        if entry.name in (EXPERIMENT_MANIFEST, LOCK_DIR) or fnmatch(entry.name, EVENT_FILE_GLOB):
             continue
         is_run = entry.is_dir() and (entry.name in planned or (entry / RUN_MANIFEST).is_file()
                                      or not any(entry.iterdir()))
