@@ -15,7 +15,7 @@ from trainer import data as datasets
 from trainer.events import write_hparams_config
 from trainer.executors import EXECUTORS, Task, run_local, run_ray, share_dataset
 from trainer.manifest import DISK_ERRORS, is_reusable, run_config, write_json_atomic
-from trainer.spec import Experiment, ExperimentError
+from trainer.spec import Experiment, ExperimentError, as_run_text
 
 
 class LogDirError(Exception):
@@ -148,7 +148,9 @@ def run_grid(experiment: Experiment, *, logdir: Path, verbose: int = 0,
     write_json_atomic(exp_dir / EXPERIMENT_MANIFEST, {
         "experiment": experiment.to_dict(), "dataset": d, "runs": names,
         "specs": [spec.to_dict() for spec in experiment.runs],
-        "source_text": Path(experiment.source).read_text(encoding="utf-8"),
+        # The file as the grid ran: the command-line overrides written into its text.
+        "source_text": as_run_text(Path(experiment.source).read_text(encoding="utf-8"), experiment.overrides),
+        "overrides": experiment.overrides,
     })
     write_hparams_config(exp_dir, experiment)
     stale = sorted(p.name for p in exp_dir.iterdir()

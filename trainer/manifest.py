@@ -2,6 +2,7 @@
 the "running" record written before training, and the final record after it."""
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import platform
@@ -65,11 +66,23 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def begin_run(experiment: Experiment, spec: RunSpec, data: Dataset, run_dir: Path) -> dict:
+def pack_entry(members: list[str], index: int) -> dict:
+    """run.json's "pack": the runs trained together as one program (a fused-engine pack;
+    a run trained alone is a pack of one), whose wall_seconds are all the pack's.
+    {"size": how many, "index": this run's place among them, "id": 12 hex digits the
+    members share (a hash of their names in pack order, so the same for the same pack),
+    "members": their run names in pack order}."""
+    digest = hashlib.sha1("\n".join(members).encode("utf-8")).hexdigest()[:12]
+    return {"size": len(members), "index": index, "id": digest, "members": list(members)}
+
+
+def begin_run(experiment: Experiment, spec: RunSpec, data: Dataset, run_dir: Path, *,
+              pack: dict | None = None) -> dict:
     """Empty `run_dir` and write its "running" manifest; returns the manifest.
 
     Any earlier attempt's files are removed first, so TensorBoard never sees two
-    copies of a step.
+    copies of a step. `pack`: from `pack_entry`, for a run trained in a pack; else the run
+    is a pack of its own.
     """
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -77,7 +90,8 @@ def begin_run(experiment: Experiment, spec: RunSpec, data: Dataset, run_dir: Pat
     manifest = {
         "experiment": experiment.name, "run": run_dir.name, "config": run_config(experiment, spec, data),
         "spec": spec.to_dict(), "seed": spec.seed, "status": RUNNING,
-        "start_time": _now(), "end_time": None, "wall_seconds": None, "steps": 0,
+        "start_time": _now(), "end_time": None, "wall_seconds": None,
+        "pack": pack or pack_entry([run_dir.name], 0), "steps": 0,
         "examples_seen": 0, "epochs_completed": 0, "final": {},
         "dataset": data.describe(), "engine": experiment.engine_of(spec),
         "steps_per_execution": experiment.steps_per_execution,
@@ -103,6 +117,9 @@ def finish_run(manifest: dict, *, run_dir: Path, writers: dict, status: str, sta
             log_errors.append(one_line(exc))
     steps_per_epoch = math.ceil(train_examples / batch_size)
     full, partial = divmod(steps, steps_per_epoch)
+    # wall_seconds counts from `start`: for a run trained in a pack (the fused engine) that
+    # is the pack's start, so every member records the whole pack's wall time, not its own
+    # share; manifest["pack"] (pack_entry) says which runs shared it.
     manifest.update({
         "status": status, "end_time": _now(), "wall_seconds": round(time.perf_counter() - start, 3),
         "steps": steps, "examples_seen": full * train_examples + partial * batch_size,

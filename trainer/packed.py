@@ -25,7 +25,7 @@ from contract.noise import NoiseSchedule, roughness
 from contract.spec import RunSpec
 from trainer import events, faults, interrupt
 from trainer.data import Dataset
-from trainer.manifest import begin_run, finish_run, one_line
+from trainer.manifest import begin_run, finish_run, one_line, pack_entry
 from trainer.packed_model import PackedMLP, structure_key
 from trainer.spec import Experiment
 
@@ -93,10 +93,10 @@ def train_pack(experiment: Experiment, specs: list[RunSpec], data: Dataset, run_
     order = sorted(range(len(specs)), key=lambda j: specs[j].uses_batch_norm)
     specs, run_dirs = [specs[j] for j in order], [run_dirs[j] for j in order]
     first, m = specs[0], len(specs)
-    manifests = [begin_run(experiment, spec, data, d) for spec, d in zip(specs, run_dirs)]
     names = [d.name for d in run_dirs]
-    for manifest in manifests:
-        manifest["pack"] = names
+    # Every member's run.json says which pack it trained in: its wall_seconds are the pack's.
+    manifests = [begin_run(experiment, spec, data, d, pack=pack_entry(names, j))
+                 for j, (spec, d) in enumerate(zip(specs, run_dirs))]
     writers = [{s: tf.summary.create_file_writer(str(d / s)) for s in SPLITS} for d in run_dirs]
     steps_per_epoch = math.ceil(len(data.x_train) / first.batch_size)
     state = {"epochs": [0] * m, "final": [{} for _ in range(m)], "diverged_at": [None] * m}
