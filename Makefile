@@ -22,7 +22,8 @@ REPORT_ARGS := --logdir $(LOGDIR)/$(EXPERIMENT) --out $(REPORTS)/$(EXPERIMENT) \
 	$(if $(FORMAT),--format $(FORMAT)) $(if $(TEMPLATE),--template $(TEMPLATE)) \
 	$(if $(SUMMARY),--summary $(SUMMARY)) $(if $(SMOOTHING),--smoothing $(SMOOTHING)) \
 	$(if $(TARGET_LOSS),--target-loss $(TARGET_LOSS)) $(if $(STRICT),--final) \
-	$(if $(VERBOSE),--verbose)
+	$(if $(AUTHOR),--author "$(AUTHOR)") $(if $(STUDENT_ID),--student-id "$(STUDENT_ID)") \
+	$(if $(DATE),--date "$(DATE)") $(if $(VERBOSE),--verbose)
 BENCH_ARGS := --experiment $(EXPERIMENT) $(if $(QUICK),--quick) $(if $(WORKERS),--workers $(WORKERS)) \
 	$(if $(DATA),--data $(DATA))
 
@@ -63,7 +64,8 @@ train: $(STAMP) dataset
 	$(BIN)/python -m trainer $(TRAIN_ARGS)
 
 ## report: LOGDIR/EXPERIMENT → REPORTS/EXPERIMENT (report.pdf, report.html, tables/*.csv); FORMAT=pdf,html
-##   TEMPLATE=lab|task SUMMARY=final|best|last-K SMOOTHING=w TARGET_LOSS=x; STRICT=1 fails on an
+##   TEMPLATE=lab|task|results SUMMARY=final|best|last-K SMOOTHING=w (0.6; 0 raw) TARGET_LOSS=x
+##   AUTHOR="…" STUDENT_ID=… DATE=… (the title block); STRICT=1 fails on an
 ##   unfinished grid instead of marking the report DRAFT
 report: $(STAMP)
 	$(BIN)/python -m report $(REPORT_ARGS)

@@ -58,7 +58,7 @@ STATUSES = (RUNNING, COMPLETE, DIVERGED, FAILED, INTERRUPTED)
 FINISHED = (COMPLETE, DIVERGED)
 
 # -- report templates and outputs ------------------------------------------------------------
-TEMPLATES = ("lab", "task")
+TEMPLATES = ("lab", "task", "results")
 REPORT_HTML, REPORT_PDF, REPORT_TABLES, REPORT_CACHE = "report.html", "report.pdf", "tables", ".cache"
 REPORT_OUTPUTS = (REPORT_HTML, REPORT_PDF, REPORT_TABLES, REPORT_CACHE)  # all a report folder holds
 

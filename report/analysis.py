@@ -1,79 +1,114 @@
-"""Sentences computed from comparisons in the data, each qualified by what the data can show."""
+"""Sentences computed from tested comparisons (report.stats), each saying only what its
+interval shows: a direction when the section's Holm-adjusted p-value is below 0.05, else
+"not resolved" with the interval; with one seed, that nothing can be tested.
+
+The numbers a sentence prints are formatted by the same functions as the table cell it
+points to (`diff_cell`), so the two always agree digit for digit.
+"""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pandas as pd
 
 from contract import noise
 from contract.layout import STEP_LOSS
-from report.tables import Cell
+from report.stats import Comparison
+
+SEEDS_HINT = "add seeds (e.g. seed = [0, 1, 2] in the experiment's [grid]) and train again to test it"
 
 
-def _v(x: float) -> str:
+def v(x: float) -> str:
     return f"{x:.4f}"
 
 
-def spread_caveat(a: Cell, b: Cell) -> str:
-    """Why a difference between two cells may or may not mean anything."""
-    if a.n < 2 or b.n < 2:
-        return " (one seed per setting: the spread between seeds is unknown, so this may be noise)"
-    spread = max(a.std, b.std)
-    if abs(a.mean - b.mean) <= spread:
-        return f" (smaller than the seed spread, std up to {_v(spread)}: not a reliable difference)"
-    return f" (larger than the seed spread, std up to {_v(spread)}, over n={min(a.n, b.n)} seeds)"
+def signed(x: float) -> str:
+    return f"{x:+.4f}".replace("-", "−")
 
 
-def compare_bn(off: Cell, on: Cell, what: str) -> str:
-    if off.missing or on.missing:
-        gone = "without" if off.missing else "with"
-        return f"No finished run {gone} batch norm, so the {what} cannot be compared."
-    if on.mean == off.mean:
-        return f"The {what} was the same with and without batch norm ({_v(on.mean)})."
-    word = "lower" if on.mean < off.mean else "higher"
-    return (f"With batch norm the {what} was {word} than without it "
-            f"({_v(on.mean)} vs {_v(off.mean)}){spread_caveat(off, on)}.")
+def p_text(p: float) -> str:
+    return f"{p:.2g}" if p >= 0.001 else "< 0.001"
 
 
-def count_bn_wins(pairs: list[tuple[object, Cell, Cell]], what: str, label: str) -> str | None:
-    """'Batch norm lowered the final validation loss at 3 of 5 batch sizes.'"""
-    usable = [(k, off, on) for k, off, on in pairs if not off.missing and not on.missing]
+def p_is(p: float) -> str:
+    """'= 0.018' or '< 0.001', to follow 'p'."""
+    text = p_text(p)
+    return text if text.startswith("<") else f"= {text}"
+
+
+def interval(c: Comparison) -> str:
+    return f"95% CI {signed(c.low)} to {signed(c.high)}"
+
+
+def diff_cell(c: Comparison | None) -> str:
+    """The table cell of a comparison: signed value, interval, Holm-adjusted p."""
+    if c is None:
+        return "—"
+    unit = " per doubling" if c.kind == "slope" else ""
+    if not c.tested:
+        return f"{signed(c.diff)}{unit} (n={c.n}, no interval)"
+    return f"{signed(c.diff)}{unit} [{signed(c.low)}, {signed(c.high)}], p_Holm {p_text(c.p_adj)}"
+
+
+def _units(c: Comparison) -> str:
+    return f"{c.n} paired seeds" if c.kind == "paired" else f"{c.n} runs, least-squares fit against log2 batch size"
+
+
+def _evidence(c: Comparison) -> str:
+    return f"{interval(c)}, {_units(c)}; Holm-adjusted p {p_is(c.p_adj)} over {c.family} comparisons"
+
+
+def paired_sentence(c: Comparison | None, *, treatment: str, control: str) -> str | None:
+    """'With batch norm the final epoch train loss was lower than without it by …'"""
+    if c is None:
+        return None
+    if not c.tested:
+        if c.n < 2:
+            return (f"{c.what[:1].upper() + c.what[1:]}, {treatment} − {control}: {signed(c.diff)} from one seed, "
+                    f"so no interval can be formed; {SEEDS_HINT}.")
+        return (f"{c.what[:1].upper() + c.what[1:]}, {treatment} − {control}: {signed(c.diff)} in each of "
+                f"{c.n} pairs, so no t-interval can be formed.")
+    if c.resolved:
+        higher_is_better = "accuracy" in c.what
+        word = "higher" if c.diff > 0 else "lower"
+        good = (c.diff > 0) == higher_is_better
+        return (f"{treatment[:1].upper() + treatment[1:]}, the {c.what} was {word} than {control}"
+                f"{'' if good else ' (worse)'}: {signed(c.diff)} ({_evidence(c)}).")
+    return (f"The {c.what} difference, {treatment} − {control}, was not resolved: {signed(c.diff)} "
+            f"({_evidence(c)}).")
+
+
+def slope_sentence(c: Comparison | None, *, axis: str = "batch size") -> str | None:
+    if c is None:
+        return None
+    if c.resolved:
+        word = "rose" if c.diff > 0 else "fell"
+        return (f"The {c.what} {word} with {axis}: {signed(c.diff)} per doubling ({_evidence(c)}).")
+    return (f"No trend of the {c.what} with {axis} was resolved: {signed(c.diff)} per doubling "
+            f"({_evidence(c)}).")
+
+
+def tally(comparisons: list[tuple[object, Comparison | None]], *, what: str, treatment: str,
+          label: str) -> str | None:
+    """'Batch norm resolvably lowered the … at 2 of 5 batch sizes (512, 1024), raised it at none, …'
+
+    Counts only resolved differences, each in its own direction, so the count can never
+    include a setting where the treatment did the opposite.
+    """
+    usable = [(k, c) for k, c in comparisons if c is not None and c.tested]
     if len(usable) < 2:
         return None
-    lower = [k for k, off, on in usable if on.mean < off.mean]
-    reliable = [k for k, off, on in usable if off.n > 1 and on.n > 1
-                and abs(on.mean - off.mean) > max(off.std, on.std)]
-    s = f"Batch norm lowered the {what} at {len(lower)} of {len(usable)} {label}"
-    if lower and len(lower) < len(usable):
-        s += f" ({', '.join(map(str, lower))})"
-    if all(off.n < 2 or on.n < 2 for _, off, on in usable):
-        s += "; each setting has one seed, so none of these differences is shown to exceed seed noise"
-    else:
-        s += f"; {len(reliable)} of these differences exceed the seed spread"
-    return s + "."
+    lower = [k for k, c in usable if c.resolved and c.diff < 0]
+    higher = [k for k, c in usable if c.resolved and c.diff > 0]
+    rest = len(usable) - len(lower) - len(higher)
 
+    def keys(ks):
+        return f" ({', '.join(map(str, ks))})" if ks else ""
 
-def trend(cells: list[tuple[int, Cell]], what: str, axis: str = "batch size") -> str | None:
-    """Describe how a value moves along an ordered axis, without claiming more than the data shows."""
-    pts = [(k, c) for k, c in cells if not c.missing]
-    if len(pts) < 2:
-        return None
-    keys = [k for k, _ in pts]
-    vals = [c.mean for _, c in pts]
-    diffs = np.diff(vals)
-    lo, hi = pts[int(np.argmin(vals))], pts[int(np.argmax(vals))]
-    caveat = "" if all(c.n > 1 for _, c in pts) else " Each point is a single seed."
-    if len(pts) == 2:
-        word = "lower" if vals[1] < vals[0] else "higher" if vals[1] > vals[0] else "the same"
-        return (f"The {what} was {word} at {axis} {keys[1]} ({_v(vals[1])}) than at "
-                f"{keys[0]} ({_v(vals[0])}).{caveat}")
-    if (diffs < 0).all():
-        return (f"The {what} decreased at every step from {axis} {keys[0]} ({_v(vals[0])}) "
-                f"to {keys[-1]} ({_v(vals[-1])}).{caveat}")
-    if (diffs > 0).all():
-        return (f"The {what} increased at every step from {axis} {keys[0]} ({_v(vals[0])}) "
-                f"to {keys[-1]} ({_v(vals[-1])}).{caveat}")
-    return (f"The {what} did not change monotonically with {axis}: lowest at {lo[0]} "
-            f"({_v(lo[1].mean)}), highest at {hi[0]} ({_v(hi[1].mean)}).{caveat}")
+    return (f"Across {len(usable)} {label}, {treatment} lowered the {what} at {len(lower)}{keys(lower)} and "
+            f"raised it at {len(higher)}{keys(higher)}, resolved after the Holm adjustment; at the other "
+            f"{rest} the difference was not resolved.")
 
 
 def steps_context(steps_by_key: dict[int, float], epochs: int | None, axis: str = "batch size") -> str | None:
@@ -92,3 +127,14 @@ def roughness(scalars: pd.DataFrame, run: str, steps_per_epoch: int) -> float:
     s = scalars[(scalars["run"] == run) & (scalars["tag"] == STEP_LOSS)].sort_values("step")["value"]
     s = s.to_numpy()[-steps_per_epoch:]
     return noise.roughness(s[np.isfinite(s)])
+
+
+def finding(c: Comparison, *, subject: str) -> str:
+    """One line of the Findings section: the effect, its interval, where it is shown."""
+    unit = " per doubling of the batch size" if c.kind == "slope" else ""
+    return (f"{subject}: {signed(c.diff)}{unit} ({interval(c)}, {_units(c)}; Holm-adjusted p "
+            f"{p_is(c.p_adj)}), {c.where}.")
+
+
+def finite(x) -> bool:
+    return x is not None and math.isfinite(x)

@@ -2,7 +2,8 @@
 
 Python decides every number and sentence here; the templates only lay them out.
 Figures and tables are numbered in the order they are added, so the HTML and the
-PDF (rendered from the same HTML) carry the same numbers.
+PDF (rendered from the same HTML) carry the same numbers. The formats themselves are
+in report/lab.py (document 004) and report/task.py (documents 000–002).
 """
 from __future__ import annotations
 
@@ -10,15 +11,30 @@ import math
 import re
 from datetime import date
 
-import numpy as np
-
-from contract.layout import (COMPLETE, DATE_LIMIT, DIVERGED, EPOCH_ACCURACY, EPOCH_LOSS, EPOCH_METRICS,
-                             SOURCE_TEXT_LIMIT, STEP_LOSS, TEXT_LIMITS, TRAIN, VALIDATION, clip)
-from report import analysis, gradient
+from contract.layout import (
+    COMPLETE,
+    DATE_LIMIT,
+    DIVERGED,
+    EPOCH_LOSS,
+    SOURCE_TEXT_LIMIT,
+    TEXT_LIMITS,
+    TRAIN,
+    clip,
+)
+from report import analysis, stats
 from report.document import Document, Section
-from report.figures import FigureCache, curve, line_figure, panels_figure
+from report.figures import FigureCache, curve, off_scale_note
 from report.load import Logs
-from report.tables import Table, cell, cell_record, describe_summary, factors, run_values
+from report.stats import Comparison
+from report.tables import (
+    Cell,
+    Table,
+    cell,
+    cell_record,
+    describe_summary,
+    factors,
+    run_values,
+)
 
 PRETTY_INIT = {
     "glorot_normal": "Xavier (Glorot) normal", "glorot_uniform": "Xavier (Glorot) uniform",
@@ -28,9 +44,10 @@ PRETTY_INIT = {
 }
 BN_LABEL = {False: "Without batch norm", True: "With batch norm"}
 SECTION_AXES_EXCLUDED = {"batch_size", "batch_norm"}
+BAND = "band: 95% t-interval of the mean over seeds"
 
 
-def _fmt_factor(key: str, value) -> str:
+def fmt_factor(key: str, value) -> str:
     if key == "initializer":
         return PRETTY_INIT.get(value, str(value))
     if key == "batch_norm":
@@ -57,6 +74,11 @@ class Builder:
         self.batch_sizes = self._axis("batch_size", planned)
         self.bn_values = self._axis("batch_norm", planned)
         self.dataset = self._dataset()
+        # run → the key that pairs it with its counterpart in a comparison of one factor:
+        # every other varying factor and the seed (which fixes initial weights and data order).
+        self._rows = {r["run"]: r for r in logs.runs.to_dict("records")}
+        self.findings: list[tuple[Comparison, str]] = []
+        self.seeds = int(logs.runs["seed"].nunique()) if "seed" in logs.runs else 1
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -81,6 +103,42 @@ class Builder:
             mask &= df[k] == v
         return df[mask]["run"].tolist()
 
+    def cell(self, where: dict, split: str, tag: str) -> Cell:
+        return cell(self.logs, self.values, where, split, tag)
+
+    def pair_key(self, run: str, factor: str) -> tuple:
+        row = self._rows[run]
+        return tuple(row.get(f) for f in [*self.factors, "seed"] if f != factor)
+
+    def paired(self, where: dict, factor: str, a, b, split: str, tag: str, *, what: str,
+               label: str) -> Comparison | None:
+        """b − a over runs that match in every other factor and the seed."""
+        ca, cb = self.cell({**where, factor: a}, split, tag), self.cell({**where, factor: b}, split, tag)
+        return stats.paired({self.pair_key(r, factor): x for r, x in ca.values.items()},
+                            {self.pair_key(r, factor): x for r, x in cb.values.items()}, what=what, label=label)
+
+    def slope(self, where: dict, split: str, tag: str, *, what: str, label: str) -> Comparison | None:
+        """The value's slope against log2(batch size) over every finished run matching `where`."""
+        c = self.cell(where, split, tag)
+        points = [(self._rows[r]["batch_size"], x) for r, x in c.values.items()]
+        return stats.slope(points, what=what, label=label)
+
+    def short(self, split: str, tag: str) -> str:
+        """'val loss': a metric's name for a row label (the caption gives the summary)."""
+        return f"{'train' if split == TRAIN else 'val'} {'loss' if tag == EPOCH_LOSS else 'accuracy'}"
+
+    def what(self, split: str, tag: str) -> str:
+        metric = "loss" if tag == EPOCH_LOSS else "accuracy"
+        return f"{self.summary_text} {'train' if split == TRAIN else 'validation'} {metric}"
+
+    def finding(self, c: Comparison | None, table: Table, group: str, item: str) -> None:
+        """Register a tested comparison for the Findings section: `group` names the kind of
+        effect ("Batch norm, val loss, He normal"), `item` the setting ("batch 256")."""
+        if c is not None:
+            c.where = f"Table {table.number}"
+            c.extra.update(group=group, item=item)
+            self.findings.append((c, f"{group}, {item}" if item else group))
+
     def section_keys(self) -> list[dict]:
         """One dict per combination of the varying factors other than batch size and BN."""
         keys = [f for f in self.factors if f not in SECTION_AXES_EXCLUDED]
@@ -91,19 +149,15 @@ class Builder:
 
     def section_title(self, key: dict) -> str:
         if not key:
-            init = self.logs.runs["initializer"].iloc[0] if "initializer" in self.logs.runs else None
-            return f"{PRETTY_INIT.get(init, init)} weight initialization" if init else "Results"
-        parts = [_fmt_factor(k, v) for k, v in key.items()]
+            return "Results"
+        parts = [fmt_factor(k, v) for k, v in key.items()]
         if "initializer" in key:
             parts[0] += " weight initialization"
         return ", ".join(parts)
 
     def slug(self, key: dict) -> str:
         """A file-name-safe stem for a section's CSVs."""
-        values = [str(v) for v in key.values()]
-        if not values and "initializer" in self.logs.runs:
-            values = [str(self.logs.runs["initializer"].iloc[0])]
-        return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(values)) or "all"
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(str(v) for v in key.values())) or "all"
 
     def steps_per_epoch(self, run: str) -> int:
         m = self.logs.manifests.get(run, {})
@@ -111,15 +165,39 @@ class Builder:
         n = (m.get("dataset") or self.dataset).get("train_examples") or 1
         return math.ceil(n / bs)
 
-    def bn_rows(self, where: dict, split: str, tag: str, what: str, key: str) -> Table:
-        rows, data = [], []
-        for bn in self.bn_values:
-            w = dict(where) if bn is None else {**where, "batch_norm": bn}
-            c = cell(self.logs, self.values, w, split, tag)
-            label = "All runs" if bn is None else BN_LABEL[bn]
-            rows.append([label, c.text()])
-            data.append(cell_record({"setting": label}, c))
-        return Table(key, f"{what} ({self.summary_text})", ["Loss", "Loss Value"], rows, data)
+    def roughness(self, where: dict) -> Cell:
+        """Last-epoch roughness of the per-step train loss over the finished runs of a cell."""
+        vals = {r: analysis.roughness(self.logs.scalars, r, self.steps_per_epoch(r)) for r in self.runs_where(where)}
+        vals = {r: x for r, x in vals.items() if math.isfinite(x)}
+        e = stats.estimate(vals.values())
+        return Cell(mean=e.mean, std=e.std, n=e.n, values=vals)
+
+    def figure(self, sec: Section, caption: str, panels: list, *, smoothed: bool = False,
+               size: tuple[float, float] | None = None) -> None:
+        """A figure of one or more panels (series, xlabel, ylabel); the caption says what
+        the band is, the smoothing, and what lies off-scale."""
+        smoothing = self.doc.smoothing if smoothed else 0.0
+        if any(s.n > 1 for series, _, _ in panels for s in series):
+            caption += f"; {BAND}"
+        note = off_scale_note(panels, smoothing)
+        if note:
+            caption += f"; {note}"
+        from report.figures import panels_figure
+
+        svg = panels_figure(panels, smoothing=smoothing, cache=self.figure_cache,
+                            size=size or ((6.0, 2.4) if len(panels) == 1 else (7.0, 2.5)))
+        self.doc.figure(sec, caption, svg, smoothed=smoothed)
+
+    def curves(self, where: dict, split: str, tag: str, by: str, values: list, label, x_offset: float = 0.0,
+               x_scale: float = 1.0) -> list:
+        series = []
+        for value in values:
+            w = where if value is None else {**where, by: value}
+            s = curve(self.logs.scalars, self.runs_where(w), split, tag, label=label(value), x_offset=x_offset,
+                      x_scale=x_scale)
+            if s:
+                series.append(s)
+        return series
 
     # -- shared sections -----------------------------------------------------------------
 
@@ -127,17 +205,70 @@ class Builder:
         d, logs = self.dataset, self.logs
         sec = sec or self.doc.section("Introduction")
         name = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}.get(d.get("name"), d.get("name", "?"))
+        shape = d.get("image_shape", ["?", "?"])
         self.doc.text(sec, (
-            f"The runs used {name} ({d.get('image_shape', ['?', '?'])[0]}×{d.get('image_shape', ['?', '?'])[-1]} "
-            f"grayscale images, {d.get('classes', '?')} classes) from {d.get('source', 'an unrecorded source')}: "
-            f"{d.get('train_examples', '?')} training images and {d.get('validation_examples', '?')} validation "
-            f"images ({d.get('validation', 'validation split not recorded')})."))
+            f"The runs used {name} ({shape[0]}×{shape[-1]} grayscale images, {d.get('classes', '?')} classes) "
+            f"from {d.get('source', 'an unrecorded source')}: {d.get('train_examples', '?')} training images and "
+            f"{d.get('validation_examples', '?')} validation images "
+            f"({d.get('validation', 'validation split not recorded')})."))
         statuses = logs.runs["status"].value_counts().to_dict()
         status_text = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
         self.doc.text(sec, (
             f"This report reads {len(logs.runs)} runs ({status_text}) and {logs.points_read} scalar points "
-            f"from {logs.logdir.name}/; every point is kept. Table values are the {self.summary_text} "
-            "of each run; with repeated seeds they show mean ± sample standard deviation and n."))
+            f"from {logs.logdir.name}/; every point is kept. Table values are the {self.summary_text} of each "
+            f"run; over repeated seeds they show the mean ± the half-width of its 95% t-interval, with n. "
+            f"Comparisons that share seed and data order (batch norm on/off, initializers) are paired by "
+            f"seed and tested with a paired t-test; trends over batch size are least-squares slopes against "
+            f"log2(batch size). Within a section the comparisons' error rate is held at 5% by Holm's "
+            f"adjustment, and a direction is stated only when the adjusted p-value is below 0.05."))
+
+    def findings_section(self) -> Section:
+        """Created early (right after the introduction) and filled by `fill_findings` once
+        every comparison of the report has been tested and numbered."""
+        return self.doc.section("Findings")
+
+    def fill_findings(self, sec: Section) -> None:
+        tested = [(c, s) for c, s in self.findings if c.tested]
+        if not tested:
+            why = ("every setting has one seed, so no difference between settings can be tested"
+                   if self.seeds < 2 else "no comparison had enough finished runs to be tested")
+            self.doc.text(sec, f"Nothing can be resolved from these logs: {why}. To resolve effects, "
+                               f"{analysis.SEEDS_HINT}.")
+            return
+        resolved = sorted((x for x in tested if x[0].resolved), key=lambda x: -x[0].relative)
+        unresolved = [x for x in tested if not x[0].resolved]
+        if resolved:
+            c, subject = resolved[0]
+            self.doc.text(sec, f"{len(resolved)} of {len(tested)} tested effects were resolved (Holm-adjusted "
+                               f"p < 0.05 within their section). The largest, relative to its baseline mean: "
+                               f"{analysis.finding(c, subject=subject)}")
+            self.doc.table(sec, self._findings_table("resolved", "Resolved effects, largest first (relative to "
+                                                                 "the baseline mean)", resolved))
+        else:
+            self.doc.text(sec, f"None of the {len(tested)} tested effects was resolved (Holm-adjusted p < 0.05 "
+                               "within its section).")
+        if unresolved:
+            groups: dict[str, list[Comparison]] = {}
+            for c, _ in unresolved:
+                groups.setdefault(c.extra["group"], []).append(c)
+            self.doc.text(sec, f"Not resolved ({len(unresolved)}): the interval of the difference includes zero, "
+                               "or the Holm adjustment over its section leaves p ≥ 0.05; each interval is in the "
+                               "table named:")
+            self.doc.bullets(sec, [f"{group}: " + "; ".join(f"{c.extra['item']} ({c.where})" if c.extra["item"]
+                                                           else c.where for c in cs) for group, cs in groups.items()])
+        untested = len(self.findings) - len(tested)
+        if untested:
+            self.doc.text(sec, f"{untested} further comparison(s) had a single pair or identical differences and "
+                               f"could not be tested.")
+
+    def _findings_table(self, key: str, caption: str, found: list[tuple[Comparison, str]]) -> Table:
+        rows = [[s, analysis.signed(c.diff), f"{analysis.signed(c.low)} to {analysis.signed(c.high)}",
+                 analysis.p_text(c.p_adj), str(c.n), c.where] for c, s in found]
+        data = [{"comparison": s, "where": c.where, **_cmp_csv(c)} for c, s in found]
+        return Table(key, f"{caption}: batch norm with − without, initializer B − A, or the slope per doubling of "
+                          f"the batch size, of the {self.summary_text} value, with its 95% CI and Holm-adjusted p; "
+                          "n pairs or runs", ["Effect", "Difference", "95% CI", "p_Holm", "n", "Shown in"], rows, data,
+                     compact=True)
 
     def architecture(self, sec: Section | None = None) -> None:
         sec = sec or self.doc.section("Architecture and Framework")
@@ -152,7 +283,8 @@ class Builder:
             f"{arch} with {spec.get('activation', '?')} activations and a softmax output, trained with "
             f"{spec.get('optimizer', '?')} at learning rate {spec.get('learning_rate', '?')} on "
             f"{str(spec.get('loss', '?')).replace('_', ' ')} for {spec.get('epochs', '?')} epochs. "
-            f"Across runs, these settings vary: {varying}. Batch norm, where used, follows each hidden layer."))
+            f"Across runs, these settings vary: {varying}; {self.seeds} seed(s) per setting. Batch norm, "
+            "where used, follows each hidden layer."))
         versions = first.get("versions", {})
         hw = first.get("hardware", {})
         gpus = ", ".join(hw.get("gpus") or []) or "no GPU"
@@ -170,6 +302,16 @@ class Builder:
                                                 [l["name"], l["type"], l["output_shape"], l["params"]]))
                                        for l in model["layers"]]))
 
+    def code_used(self, sec: Section) -> None:
+        source = self.logs.experiment.get("source_text")
+        if not source:
+            return
+        overrides = self.logs.experiment.get("overrides") or {}
+        note = (" (with the command line's " + ", ".join(f"{k} = {v}" for k, v in overrides.items())
+                + " applied, as marked)") if overrides else ""
+        self.doc.text(sec, f"The experiment file as it ran{note}:")
+        sec.blocks.append({"kind": "code", "text": clip(source, SOURCE_TEXT_LIMIT)})
+
     def data_problems(self) -> None:
         problems = list(self.logs.problems)
         diverged = self.logs.runs[self.logs.runs["status"] == DIVERGED]["run"].tolist()
@@ -184,229 +326,72 @@ class Builder:
     def provenance(self) -> None:
         sec = self.doc.section("Appendix: provenance")
         logs = self.logs
-        versions = {}
+        versions: dict[str, set] = {}
         for m in logs.manifests.values():
             for k, v in (m.get("versions") or {}).items():
-                versions.setdefault(k, set()).add(v)
+                versions.setdefault(k, set()).add(str(v))
         self.doc.text(sec, "Library versions: " + "; ".join(
             f"{k} {', '.join(sorted(v))}" for k, v in sorted(versions.items())) + ".")
         hw = {(m.get("hardware") or {}).get("cpu", "?") for m in logs.manifests.values()}
         self.doc.text(sec, f"Hardware: {'; '.join(sorted(hw))}. Log folder SHA-256: {logs.digest}.")
+        order = [c for c in [*self.factors, "seed", "run"] if c in logs.runs]
+        packed = False
         rows, data = [], []
-        for r in logs.runs.sort_values("run").itertuples(index=False):
+        for r in logs.runs.sort_values(order).itertuples(index=False):
             m = logs.manifests.get(r.run, {})
+            pack = m.get("pack") if isinstance(m.get("pack"), dict) else {}
+            size = pack.get("size") or 1
+            packed |= size > 1
             rows.append([r.run, str(getattr(r, "seed", "")), r.status, str(m.get("steps", "")),
-                         f"{m.get('wall_seconds') or 0:.1f}"])
+                         f"{m.get('wall_seconds') or 0:.1f}", str(size)])
             data.append({"run": r.run, "seed": getattr(r, "seed", None), "status": r.status,
-                         "steps": m.get("steps"), "wall_seconds": m.get("wall_seconds")})
-        self.doc.table(sec, Table("runs", "Runs read", ["Run", "Seed", "Status", "Steps", "Wall s"], rows, data))
+                         "steps": m.get("steps"), "wall_seconds": m.get("wall_seconds"), "pack_size": size,
+                         "pack": pack.get("id")})
+        caption = "Runs read, in grid order"
+        if packed:
+            caption += ("; runs trained together in one pack (same data order, one fused step) share the "
+                        "pack's wall time, so Wall s is the pack's, not the run's")
+        self.doc.table(sec, Table("runs", caption, ["Run", "Seed", "Status", "Steps", "Wall s", "Pack"], rows, data,
+                                  compact=True))
 
-    # -- lab format (document 004) -------------------------------------------------------
-
-    def lab(self) -> Document:
-        self.introduction()
-        self.architecture()
-        for key in self.section_keys():
-            self.doc.section(self.section_title(key))
-            for bs in self.batch_sizes:
-                self.lab_batch_size(key, bs)
-            if len(self.batch_sizes) > 1:
-                self.lab_comparison(key)
-        gradient.add_section(self, self.target_loss)
-        self.data_problems()
-        self.provenance()
-        return self.doc
-
-    def _bn_curves(self, where: dict, split: str, tag: str, x_scale: float = 1.0, x_offset: float = 0.0):
-        series = []
+    def bn_table(self, where: dict, split: str, tag: str, title: str, key: str,
+                 diff: Comparison | None) -> Table:
+        """Document 004's "Loss · Loss Value" table (rows without/with batch norm), plus the
+        paired difference."""
+        rows, data = [], []
         for bn in self.bn_values:
-            w = where if bn is None else {**where, "batch_norm": bn}
-            s = curve(self.logs.scalars, self.runs_where(w), split, tag,
-                      label="All runs" if bn is None else BN_LABEL[bn], x_scale=x_scale, x_offset=x_offset)
-            if s:
-                series.append(s)
-        return series
+            w = dict(where) if bn is None else {**where, "batch_norm": bn}
+            c = self.cell(w, split, tag)
+            label = "All runs" if bn is None else BN_LABEL[bn]
+            rows.append([label, c.text()])
+            data.append(cell_record({"setting": label}, c))
+        if diff is not None:
+            rows.append(["With − without (paired)", analysis.diff_cell(diff)])
+            data.append({"setting": "with - without", **_cmp_csv(diff)})
+        return Table(key, f"{title} ({self.summary_text}; mean ± 95% CI half-width over seeds)", ["Loss", "Loss Value"],
+                     rows, data)
 
-    def lab_batch_size(self, key: dict, bs) -> None:
-        where = dict(key) if bs is None else {**key, "batch_size": bs}
-        title = "All runs" if bs is None else f"Batch Size {bs}"
-        sec = self.doc.section(title, level=2)
-        tag_base = self.slug(key) + f"_bs{bs}"
-        label = f"Batch size {bs}" if bs is not None else "All runs"
-        smoothing = self.doc.smoothing
-        series = self._bn_curves(where, TRAIN, STEP_LOSS)
-        self.doc.figure(sec, f"{label} train loss", line_figure(
-            series, xlabel="step", ylabel="train loss (per step)", smoothing=smoothing, cache=self.figure_cache),
-            smoothed=True)
-        self.doc.table(sec, self.bn_rows(where, TRAIN, EPOCH_LOSS, "Train Loss", f"train_loss_{tag_base}"))
-        series = self._bn_curves(where, VALIDATION, EPOCH_LOSS, x_offset=1)
-        self.doc.figure(sec, f"{label} val loss", line_figure(series, xlabel="epoch", ylabel="validation loss",
-                                                                        cache=self.figure_cache))
-        self.doc.table(sec, self.bn_rows(where, VALIDATION, EPOCH_LOSS, "Val loss", f"val_loss_{tag_base}"))
-        bullets = []
-        if len(self.bn_values) == 2:
-            for split, what in ((TRAIN, f"{self.summary_text} train loss"),
-                                (VALIDATION, f"{self.summary_text} validation loss")):
-                off = cell(self.logs, self.values, {**where, "batch_norm": False}, split, EPOCH_LOSS)
-                on = cell(self.logs, self.values, {**where, "batch_norm": True}, split, EPOCH_LOSS)
-                bullets.append(analysis.compare_bn(off, on, what))
-        rough = []
-        for bn in self.bn_values:
-            w = where if bn is None else {**where, "batch_norm": bn}
-            vals = [analysis.roughness(self.logs.scalars, r, self.steps_per_epoch(r)) for r in self.runs_where(w)]
-            vals = [v for v in vals if np.isfinite(v)]
-            if vals:
-                rough.append(f"{'all runs' if bn is None else BN_LABEL[bn].lower()} "
-                             f"{np.mean(vals):.4f}")
-        if rough:
-            bullets.append("Roughness of the per-step train loss in the last epoch (std of step-to-step "
-                           "changes): " + "; ".join(rough) + ".")
-        self.doc.bullets(sec, bullets)
 
-    def lab_comparison(self, key: dict) -> None:
-        sec = self.doc.section("Batch Size Comparison", level=2)
-        tag_base = self.slug(key)
-        for split, tag, what, fig_label in ((TRAIN, EPOCH_LOSS, "Train Loss", "train loss"),
-                                            (VALIDATION, EPOCH_LOSS, "Val loss", "val loss"),
-                                            (VALIDATION, EPOCH_ACCURACY, "Validation Accuracy", None)):
-            if fig_label:
-                series = []
-                for bs in self.batch_sizes:
-                    w = {**key, "batch_size": bs}
-                    if len(self.bn_values) == 2:
-                        w["batch_norm"] = False
-                    s = curve(self.logs.scalars, self.runs_where(w), split, tag, label=f"batch {bs}", x_offset=1)
-                    if s:
-                        series.append(s)
-                bn_note = " (without batch norm)" if len(self.bn_values) == 2 else ""
-                self.doc.figure(sec, f"Batch size comparison, {fig_label}{bn_note}",
-                                line_figure(series, xlabel="epoch", ylabel=fig_label, cache=self.figure_cache))
-            rows, data = [], []
-            cols = ["Batch size"] + [("Loss Value" if tag.endswith("loss") else "Accuracy") if bn is None
-                                     else BN_LABEL[bn] for bn in self.bn_values]
-            for bs in self.batch_sizes:
-                cells = [cell(self.logs, self.values, {**key, "batch_size": bs} if bn is None else
-                              {**key, "batch_size": bs, "batch_norm": bn}, split, tag) for bn in self.bn_values]
-                rows.append([str(bs)] + [c.text() for c in cells])
-                for bn, c in zip(self.bn_values, cells):
-                    data.append(cell_record({"batch_size": bs, "batch_norm": bn}, c))
-            self.doc.table(sec, Table(f"{what.lower().replace(' ', '_')}_by_batch_size_{tag_base}",
-                                      f"{what} ({self.summary_text})", cols, rows, data))
-        bullets = []
-        for split, tag, what in ((TRAIN, EPOCH_LOSS, "train loss"),
-                                 (VALIDATION, EPOCH_LOSS, "validation loss"),
-                                 (VALIDATION, EPOCH_ACCURACY, "validation accuracy")):
-            for bn in self.bn_values:
-                w = dict(key) if bn is None else {**key, "batch_norm": bn}
-                cells = [(bs, cell(self.logs, self.values, {**w, "batch_size": bs}, split, tag))
-                         for bs in self.batch_sizes]
-                label = f"{self.summary_text} {what}" + ("" if bn is None else f" {BN_LABEL[bn].lower()}")
-                bullets.append(analysis.trend(cells, label))
-            if len(self.bn_values) == 2 and tag == EPOCH_LOSS:
-                pairs = [(bs, cell(self.logs, self.values, {**key, "batch_size": bs, "batch_norm": False}, split, tag),
-                          cell(self.logs, self.values, {**key, "batch_size": bs, "batch_norm": True}, split, tag))
-                         for bs in self.batch_sizes]
-                bullets.append(analysis.count_bn_wins(pairs, f"{self.summary_text} {what}", "batch sizes"))
-        steps = {}
-        for bs in self.batch_sizes:
-            runs = self.logs.runs[(self.logs.runs["batch_size"] == bs) & (self.logs.runs["status"] == COMPLETE)]
-            if not runs.empty:
-                steps[bs] = float(runs["steps"].median())
-        epochs = self.logs.runs["epochs"].iloc[0] if "epochs" in self.logs.runs and "epochs" not in self.factors else None
-        bullets.append(analysis.steps_context(steps, epochs))
-        self.doc.bullets(sec, bullets)
+def _cmp_csv(c: Comparison) -> dict:
+    from report.tables import comparison_record
 
-    # -- task format (documents 000/001) -------------------------------------------------
-
-    def task(self) -> Document:
-        exp = self.logs.experiment.get("experiment", {})
-        sec = self.doc.section("Objective")
-        self.doc.text(sec, clip(exp.get("objective") or "", TEXT_LIMITS["objective"]) or "Study how the settings varied in this grid change training.")
-        self.introduction(sec)
-        sec = self.doc.section("Code Used")
-        source = self.logs.experiment.get("source_text")
-        if source:
-            self.doc.text(sec, "The experiment file that produced these runs:")
-            sec.blocks.append({"kind": "code", "text": clip(source, SOURCE_TEXT_LIMIT)})
-        self.architecture(sec)
-        sec = self.doc.section("Results")
-        keys = [{**k, "batch_size": bs} if bs is not None else dict(k)
-                for k in self.section_keys() for bs in self.batch_sizes]
-        rough_cells, final_cells = [], []
-        for where in keys:
-            title = ", ".join(_fmt_factor(k, v) if k != "batch_size" else f"batch size {v}" for k, v in where.items())
-            sub = self.doc.section(title[:1].upper() + title[1:] or "All runs", level=2)
-            self.task_epoch_table(sub, where, title)
-            runs = self.runs_where(where)
-            vals = [analysis.roughness(self.logs.scalars, r, self.steps_per_epoch(r)) for r in runs]
-            vals = [v for v in vals if np.isfinite(v)]
-            if vals:
-                rough_cells.append((where.get("batch_size"), float(np.mean(vals))))
-            final_cells.append((where.get("batch_size"),
-                                cell(self.logs, self.values, where, VALIDATION, EPOCH_LOSS)))
-        overlay = [s for s in (curve(self.logs.scalars, self.runs_where(w), VALIDATION, EPOCH_LOSS,
-                                     label=f"batch {w.get('batch_size')}", x_offset=1) for w in keys) if s]
-        self.doc.figure(sec, "Validation loss by batch size", line_figure(overlay, xlabel="epoch",
-                                                                           ylabel="validation loss",
-                                                                           cache=self.figure_cache))
-        sec = self.doc.section("Short Analysis")
-        bullets = []
-        if len(rough_cells) > 1:
-            rough_sorted = sorted(rough_cells, key=lambda kv: kv[0] or 0)
-            bullets.append("Roughness of the per-step train loss in the last epoch (std of step-to-step "
-                           "changes): " + "; ".join(f"batch {k}: {v:.4f}" for k, v in rough_sorted) + ".")
-        if len(final_cells) > 1 and all(k is not None for k, _ in final_cells):
-            bullets.append(analysis.trend(sorted(final_cells, key=lambda kv: kv[0]),
-                                          f"{self.summary_text} validation loss"))
-        self.doc.bullets(sec, bullets)
-        sec = self.doc.section("Key Takeaway")
-        finished = [(k, c) for k, c in final_cells if not c.missing]
-        if finished:
-            best = min(finished, key=lambda kv: kv[1].mean)
-            caveat = ("" if best[1].n > 1 else
-                      " This rests on one seed per setting; rerun with repeats to see whether it holds.")
-            self.doc.text(sec, f"In this grid the lowest {self.summary_text} validation loss came at batch size "
-                               f"{best[0]} ({best[1].mean:.4f}).{caveat}")
-        else:
-            self.doc.text(sec, "No run finished, so there is nothing to conclude.")
-        gradient.add_section(self, self.target_loss)
-        self.data_problems()
-        self.provenance()
-        return self.doc
-
-    def task_epoch_table(self, sec: Section, where: dict, title: str) -> None:
-        runs = self.runs_where(where)
-        df = self.logs.scalars[(self.logs.scalars["run"].isin(runs)) &
-                               (self.logs.scalars["tag"].isin(list(EPOCH_METRICS)))]
-        if df.empty:
-            self.doc.text(sec, "No finished run in this cell.")
-            return
-        df = df.assign(col=np.where(df["split"] == VALIDATION, "val_", "") + df["tag"].str.removeprefix("epoch_"))
-        wide = df.pivot_table(index="step", columns="col", values="value", aggfunc="mean")
-        cols = [c for c in ("loss", "accuracy", "val_loss", "val_accuracy") if c in wide]
-        rows = [[str(int(step) + 1)] + [f"{wide.at[step, c]:.4f}" for c in cols] for step in wide.index]
-        data = [{"epoch": int(step) + 1, **{c: float(wide.at[step, c]) for c in cols}} for step in wide.index]
-        n = len(runs)
-        note = f" (mean of {n} seeds)" if n > 1 else ""
-        key = "epochs_" + re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(f"{k}{v}" for k, v in where.items()))
-        self.doc.table(sec, Table(key, f"Per-epoch results, {title}{note}", ["Epoch"] + cols, rows, data))
-        panels = []
-        for tag, ylabel in ((EPOCH_LOSS, "loss"), (EPOCH_ACCURACY, "accuracy")):
-            series = [s for s in (curve(self.logs.scalars, runs, split, tag, label=split, x_offset=1)
-                                  for split in (TRAIN, VALIDATION)) if s]
-            panels.append((series, "epoch", ylabel))
-        self.doc.figure(sec, f"{title[:1].upper() + title[1:]}: loss (left) and accuracy (right), "
-                             "train vs validation", panels_figure(panels, cache=self.figure_cache))
+    return comparison_record({}, c)
 
 
 def build(logs: Logs, *, template: str, summary: str = "final", smoothing: float = 0.0,
-          figure_cache: FigureCache | None = None, target_loss: float | None = None) -> dict:
+          figure_cache: FigureCache | None = None, target_loss: float | None = None,
+          title_block: dict | None = None) -> dict:
+    """The context the templates render. `title_block` (author, id, date) overrides the
+    experiment file's, for settings given at report time."""
+    from report.lab import lab
+    from report.task import results, task
+
     builder = Builder(logs, summary=summary, smoothing=smoothing, figure_cache=figure_cache,
                       target_loss=target_loss)
-    doc = builder.lab() if template == "lab" else builder.task()
+    doc = {"lab": lab, "task": task, "results": results}[template](builder)
     if figure_cache is not None:
         figure_cache.prune()
-    exp = logs.experiment.get("experiment", {})
+    exp = {**logs.experiment.get("experiment", {}), **{k: v for k, v in (title_block or {}).items() if v}}
     return {
         "title": clip(exp.get("title") or logs.logdir.name, TEXT_LIMITS["title"]),
         "author": clip(exp.get("author", ""), TEXT_LIMITS["author"]), "id": clip(exp.get("id", ""), TEXT_LIMITS["id"]),
@@ -427,4 +412,5 @@ def draft_line(logs: Logs) -> str:
     detail = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     return (f"DRAFT: {len(logs.unfinished)} of {planned} runs of the grid are not finished ({detail}); "
             "the numbers below leave them out")
+
 

@@ -5,14 +5,17 @@ import argparse
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
-from contract.layout import EXPERIMENT_MANIFEST, TEMPLATES
+from contract.layout import (EXPERIMENT_MANIFEST, REPORT_HTML, REPORT_PDF, REPORT_TABLES, TEMPLATES,
+                             control_characters)
 
 FORMATS = ("pdf", "html")
 EXIT_USAGE = 2
 EXIT_UNFINISHED = 1
+DEFAULT_SMOOTHING = 0.6  # TensorBoard's scalar dashboard default
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -22,8 +25,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--template", help=f"{' or '.join(TEMPLATES)} (default: the experiment file's)")
     p.add_argument("--format", default="pdf,html", help="comma-separated: pdf, html (default: both)")
     p.add_argument("--summary", default="final", help="table values: final, best or last-K (default: final)")
-    p.add_argument("--smoothing", type=float, default=0.0,
-                   help="TensorBoard EMA weight in [0, 1) for per-step curves (default: 0, raw)")
+    p.add_argument("--smoothing", type=float, default=DEFAULT_SMOOTHING,
+                   help=f"TensorBoard EMA weight in [0, 1) for per-step curves (default: {DEFAULT_SMOOTHING}, "
+                        "TensorBoard's own; 0 draws them raw)")
+    p.add_argument("--author", help="the title block's author (default: the experiment file's)")
+    p.add_argument("--student-id", help="the title block's ID (default: the experiment file's)")
+    p.add_argument("--date", help="the title block's date (default: the experiment file's, else today)")
     p.add_argument("--target-loss", type=float,
                    help="training loss for the steps-to-target table (default: the highest final "
                         "training loss among the runs)")
@@ -57,6 +64,10 @@ def _check(args) -> list[str]:
         errors.append(f"--target-loss {args.target_loss} is not valid; give a positive training loss, e.g. 0.5")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         errors.append(f"--out {args.out} is a file, not a folder; name a folder (it is created if missing)")
+    for name in ("author", "student_id", "date"):
+        value = getattr(args, name)
+        if value is not None and control_characters(value):
+            errors.append(f"--{name.replace('_', '-')} holds control characters; give plain text")
     args.formats = formats
     return errors
 
@@ -105,10 +116,18 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return EXIT_UNFINISHED
     context = build(logs, template=template, summary=args.summary, smoothing=args.smoothing,
-                    figure_cache=figure_cache, target_loss=args.target_loss)
+                    figure_cache=figure_cache, target_loss=args.target_loss,
+                    title_block={"author": args.author, "id": args.student_id, "date": args.date})
+    if template == "lab":
+        empty = [name for name, key in (("author", "author"), ("ID", "id")) if not context[key]]
+        if empty:
+            print(f"warning: the title block has no {' and no '.join(empty)}; give them with `make report "
+                  "AUTHOR=\"…\" STUDENT_ID=…` (or --author/--student-id, or [experiment] author/id in the "
+                  "experiment file)", file=sys.stderr)
+    csvs = []
     for table in context["tables"]:
-        write_atomic(out / "tables" / f"table{table.number:02d}_{table.key}.csv",
-                     table.frame().to_csv(index=False))
+        csvs.append(out / REPORT_TABLES / f"table{table.number:02d}_{table.key}.csv")
+        write_atomic(csvs[-1], table.frame().to_csv(index=False))
     html = render_html(context)
     written = []
     if "html" in args.formats:
@@ -126,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         written.append(out / "report.pdf")
         if refused:
             print(f"note: refused {len(refused)} outside resource(s) named in the report text", file=sys.stderr)
+    stale = remove_stale(out, keep=set(csvs) | set(written))
+    if stale:
+        print(f"note: removed {len(stale)} output(s) of an earlier report that this one does not make: "
+              f"{', '.join(p.name for p in stale[:6])}{' …' if len(stale) > 6 else ''}", file=sys.stderr)
     print(f"report: {logs.logdir} → {', '.join(map(str, written))} "
           f"({context['runs_read']} runs, {context['points_read']} points, {context['n_figures']} figures, "
           f"{len(context['tables'])} tables; {len(logs.problems)} data problem(s); "
@@ -134,12 +157,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def remove_stale(out: Path, keep: set[Path]) -> list[Path]:
+    """Remove the report outputs in `out` that this run did not write: a report.pdf left by
+    an earlier run when only HTML was asked for, CSVs of another template's tables. Only
+    names a report writes are touched (report.html, report.pdf, tables/tableNN_*.csv)."""
+    candidates = [out / REPORT_HTML, out / REPORT_PDF]
+    tables = out / REPORT_TABLES
+    if tables.is_dir():
+        candidates += [p for p in tables.iterdir() if re.fullmatch(r"table\d{2,}_[A-Za-z0-9._-]+\.csv", p.name)]
+    removed = []
+    for path in sorted(candidates):
+        if path not in keep and path.is_file() and not path.is_symlink():
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
 def html_text(context: dict) -> str:
     """The words of a report (title block, sections, captions, tables), for the font check."""
     parts = [str(context.get(k, "")) for k in ("title", "author", "id", "date", "draft")]
     for section in context["sections"]:
         parts.append(section.title)
-        for block in section.blocks:
+        blocks = [b for block in section.blocks for b in (block["blocks"] if block["kind"] == "row" else [block])]
+        for block in blocks:
             parts += [str(block.get(k, "")) for k in ("text", "caption")] + list(block.get("items", []))
             if block.get("table") is not None:
                 t = block["table"]

@@ -48,6 +48,13 @@ class Document:
         self.tables.append(table)
         sec.blocks.append({"kind": "table", "table": table})
 
+    def side_by_side(self, sec: Section, count: int = 2) -> None:
+        """Lay the section's last `count` blocks (a figure and its table, say) out in one row;
+        their numbers stay as they were given."""
+        blocks = sec.blocks[-count:]
+        del sec.blocks[-count:]
+        sec.blocks.append({"kind": "row", "blocks": blocks})
+
     def text(self, sec: Section, text: str) -> None:
         sec.blocks.append({"kind": "paragraph", "text": text})
 

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from scipy import stats
 
 from contract.files import write_atomic
 
@@ -50,45 +51,8 @@ PAD = 0.05            # of the span, above and below
 
 
 def t_quantile(p: float, df: int) -> float:
-    """Student's t quantile, t.ppf(p, df), for p in (0.5, 1) and a whole df ≥ 1.
-
-    scipy is not a dependency, so the t distribution's closed form for whole df is
-    inverted (Abramowitz & Stegun 26.7.3–4, bisection on θ = atan(t/√df)); it agrees with
-    scipy.stats.t.ppf to about 1e-14 relative.
-    """
-    if not 0.5 < p < 1 or df < 1 or int(df) != df:
-        raise ValueError(f"t_quantile needs 0.5 < p < 1 and a whole df >= 1, got p={p}, df={df}")
-    df = int(df)
-    target = 2 * p - 1  # P(|T| < t)
-    lo, hi = 0.0, math.pi / 2
-    while True:
-        mid = 0.5 * (lo + hi)
-        if mid in (lo, hi):
-            break
-        if _t_central_mass(mid, df) < target:
-            lo = mid
-        else:
-            hi = mid
-    return math.sqrt(df) * math.tan(0.5 * (lo + hi))
-
-
-def _t_central_mass(theta: float, df: int) -> float:
-    """P(|T| < √df·tan θ) for T ~ t(df), df whole."""
-    s, c = math.sin(theta), math.cos(theta)
-    c2 = c * c
-    if df % 2:
-        if df == 1:
-            return 2 * theta / math.pi
-        term = total = c
-        for k in range(1, (df - 1) // 2):
-            term *= c2 * (2 * k) / (2 * k + 1)
-            total += term
-        return 2 / math.pi * (theta + s * total)
-    term = total = 1.0
-    for k in range(1, df // 2):
-        term *= c2 * (2 * k - 1) / (2 * k)
-        total += term
-    return s * total
+    """Student's t quantile, scipy.stats.t.ppf(p, df)."""
+    return float(stats.t.ppf(p, df))
 
 
 @dataclass

@@ -8,27 +8,22 @@ import math
 import numpy as np
 import pandas as pd
 
-from contract.layout import (NOISE_B_SIMPLE, NOISE_EPOCH_AT_BATCH, NOISE_EPOCH_B_SIMPLE, NOISE_EPOCH_COSINE,
-                             NOISE_PREFIX, STEP_LOSS, TRAIN, noise_tag)
+from contract.layout import (
+    NOISE_B_SIMPLE,
+    NOISE_EPOCH_AT_BATCH,
+    NOISE_EPOCH_B_SIMPLE,
+    NOISE_EPOCH_COSINE,
+    NOISE_PREFIX,
+    STEP_LOSS,
+    TRAIN,
+    noise_tag,
+)
 from report.figures import curve, panels_figure
-from report.tables import Cell, Table
+from report.tables import Cell, Table, cell_record
 
 # A run has reached a loss when the mean of its step losses over the last ≈ this many
 # examples is at or below it: one noisy small-batch step does not count as reaching it.
 WINDOW_EXAMPLES = 2048
-
-
-def values_at_epochs(scalars: pd.DataFrame, runs: list[str], tag: str) -> dict[int, Cell]:
-    """Per epoch: mean ± std over `runs` of an epoch-indexed gradient tag."""
-    df = scalars[(scalars["run"].isin(runs)) & (scalars["split"] == TRAIN) & (scalars["tag"] == noise_tag(tag))]
-    out = {}
-    for epoch, g in df.groupby("step"):
-        v = g["value"].to_numpy(dtype=float)
-        v = v[np.isfinite(v)]
-        if len(v):
-            out[int(epoch)] = Cell(mean=float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1 else math.nan,
-                                   n=len(v))
-    return out
 
 
 def windowed_loss(steps: np.ndarray, losses: np.ndarray, batch_size: int) -> np.ndarray:
@@ -73,31 +68,26 @@ def default_target(scalars: pd.DataFrame, runs: dict[str, int]) -> float | None:
     return math.ceil(top / scale) * scale
 
 
-def placement_sentence(run_label: str, batch_size: int, b_simple: float | None, n_measurements: int) -> str:
-    """Where a run's batch size sits against its own measured noise scale."""
-    if b_simple is None or not math.isfinite(b_simple) or b_simple <= 0:
-        return (f"{run_label}: no noise scale could be formed (the averaged |G|² estimate was not positive "
-                f"over its {n_measurements} measurements), so its batch of {batch_size} cannot be placed.")
-    ratio = batch_size / b_simple
-    scale = f"B_simple ≈ {b_simple:.3g} at the end of training"
-    if 0.5 <= ratio <= 2:
-        return (f"{run_label}: batch {batch_size}, {scale}; the batch is within a factor of 2 of the "
-                f"noise scale, the region where, by the noise-scale criterion, steps are neither "
-                f"mostly noise nor wasteful of examples.")
-    if ratio < 1:
-        return (f"{run_label}: batch {batch_size}, {scale}, {1 / ratio:.3g}× the batch; below the noise "
-                f"scale, each step's gradient is dominated by noise (tr(Σ)/B exceeds |G|²), so a larger "
-                f"batch would have made each step more useful.")
-    return (f"{run_label}: batch {batch_size}, {scale}, {ratio:.3g}× smaller than the batch; above the "
-            f"noise scale, extra examples per step mostly average away noise that was already small, "
-            f"so each example buys less progress (diminishing returns).")
-
-
 def fmt(c: Cell | None, digits: int = 3) -> str:
+    """Mean ± the half-width of its 95% t-interval, to `digits` significant digits."""
     if c is None or c.missing:
         return "—"
     s = f"{c.mean:.{digits}g}"
-    return s + (f" ± {c.std:.{digits}g}" if c.n > 1 else "")
+    return s + (f" ± {c.half:.{digits}g}" if c.n > 1 else "")
+
+
+def _moments(values: list[float]) -> tuple[float, float]:
+    v = np.asarray(values, dtype=float)
+    if not len(v):
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan
+
+
+def final_values(scalars: pd.DataFrame, runs: list[str], tag: str) -> dict[str, float]:
+    """run → the last finite value of an epoch-indexed gradient tag."""
+    df = scalars[(scalars["run"].isin(runs)) & (scalars["split"] == TRAIN) & (scalars["tag"] == noise_tag(tag))]
+    df = df[np.isfinite(df["value"].to_numpy(dtype=float))].sort_values("step")
+    return {run: float(g["value"].iloc[-1]) for run, g in df.groupby("run")}
 
 
 def add_section(builder, target_loss: float | None = None) -> None:
@@ -123,33 +113,32 @@ def add_section(builder, target_loss: float | None = None) -> None:
         f"large-batch gradient. {len(measured)} of {len(logs.runs)} runs carry these measurements "
         f"({sum(m['measurements'] for m in measured.values())} in all)."))
     runs_by_key = []
+    tags = (NOISE_EPOCH_B_SIMPLE, NOISE_EPOCH_AT_BATCH, NOISE_EPOCH_COSINE)
     for key in builder.section_keys():
         title = builder.section_title(key) if key else ""
+        rows, data = [], []
         for bs in builder.batch_sizes:
-            rows, data = [], []
             for bn in builder.bn_values:
                 where = {**key, **({"batch_size": bs} if bs is not None else {}),
                          **({"batch_norm": bn} if bn is not None else {})}
                 runs = builder.runs_where(where)
                 runs_by_key.append((key, bs, bn, runs))
-                cols = {t: values_at_epochs(logs.scalars, runs, t)
-                        for t in (NOISE_EPOCH_B_SIMPLE, NOISE_EPOCH_AT_BATCH, NOISE_EPOCH_COSINE)}
-                epochs = sorted(set().union(*[c.keys() for c in cols.values()]))
+                finals = {t: final_values(logs.scalars, runs, t) for t in tags}
+                if not any(finals.values()):
+                    continue
+                cells = [Cell(*_moments(list(finals[t].values())), n=len(finals[t])) for t in tags]
                 label = "—" if bn is None else ("on" if bn else "off")
-                for e in epochs:
-                    cells = [cols[t].get(e) for t in cols]
-                    rows.append([str(e + 1), label] + [fmt(c) for c in cells])
-                    data.append({"epoch": e + 1, "batch_norm": bn, "runs": len(runs), **{
-                        f"{t.removeprefix('epoch_')}_{s}": (None if c is None or c.missing else
-                                                          (c.mean if s == "mean" else (None if c.n < 2 else c.std)))
-                        for t, c in zip(cols, cells) for s in ("mean", "std")}})
-            if not rows:
-                continue
-            where_text = ", ".join(p for p in (title, f"batch size {bs}" if bs is not None else "") if p)
+                rows.append([str(bs), label] + [fmt(c) for c in cells] + [f"{len(finals[tags[0]])} of {len(runs)}"])
+                data.append({"batch_size": bs, "batch_norm": bn, "runs": len(runs), **{
+                    f"{t.removeprefix('epoch_')}_{k}": v for t, c in zip(tags, cells)
+                    for k, v in cell_record({}, c).items() if k != "diverged"}})
+        if rows:
             doc.table(sec, Table(
-                f"gradient_noise_{builder.slug(key)}_bs{bs}",
-                f"Gradient noise at the end of each epoch, {where_text} (mean ± std over seeds)",
-                ["Epoch", "BN", "B_simple", "tr(Σ)/B", "Cosine"], rows, data))
+                f"gradient_noise_{builder.slug(key)}",
+                f"Gradient noise at the end of training{', ' + title if title else ''} (last epoch's value per "
+                "run; mean ± 95% CI half-width over seeds)",
+                ["Batch", "BN", "B_simple", "tr(Σ)/B", "Cosine", "Runs with a value"], rows, data,
+                compact=True))
         # B_simple over training, x in examples so that batch sizes share an axis.
         panels = []
         for bn in builder.bn_values:
@@ -165,21 +154,6 @@ def add_section(builder, target_loss: float | None = None) -> None:
         if panels:
             doc.figure(sec, f"Gradient noise scale B_simple over training{', ' + title if title else ''} "
                             "(mean over seeds)", panels_figure(panels, cache=builder.figure_cache))
-    # One sentence per run.
-    sentences = []
-    order = [c for c in ("initializer", "batch_size", "batch_norm", "seed", "run") if c in logs.runs]
-    for run in logs.runs.sort_values(order)["run"]:
-        m = logs.manifests.get(run, {})
-        bs = (m.get("spec") or {}).get("batch_size")
-        g = m.get("gradient_noise") or {}
-        if bs is None or not g.get("measurements"):
-            continue
-        df = logs.scalars[(logs.scalars["run"] == run) & (logs.scalars["tag"] == noise_tag(NOISE_EPOCH_B_SIMPLE))]
-        b = float(df.sort_values("step")["value"].iloc[-1]) if len(df) else None
-        sentences.append(placement_sentence(run, int(bs), b, int(g["measurements"])))
-    if sentences:
-        doc.text(sec, "Each run's batch size against its own measured noise scale:")
-        doc.bullets(sec, sentences)
     target_table(builder, sec, runs_by_key, target_loss)
 
 
@@ -221,5 +195,6 @@ def target_table(builder, sec, runs_by_key, target_loss: float | None) -> None:
                      "runs_reached": len(hit), "runs": len(steps)})
     if rows:
         doc.table(sec, Table("steps_to_target", f"Steps and examples to a training loss of {target:g} "
-                                                "(mean ± std over the seeds that reached it)",
-                             ["Setting", "Batch", "BN", "Steps", "Examples", "Runs reaching it"], rows, data))
+                                                "(mean ± 95% CI half-width over the seeds that reached it)",
+                             ["Setting", "Batch", "BN", "Steps", "Examples", "Runs reaching it"], rows, data,
+                             compact=True))

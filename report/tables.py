@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
 from contract.layout import COMPLETE, DIVERGED, EPOCH_METRICS
 from report.load import Logs
+from report.stats import Estimate, estimate
 
 NON_FACTORS = {"run", "status", "steps", "wall_seconds", "seed"}
 MISSING = "—"
@@ -60,23 +61,38 @@ def factors(logs: Logs) -> list[str]:
 
 @dataclass
 class Cell:
-    """One grid cell's value: mean, sample std and n over finished, non-diverged seeds."""
+    """One grid cell's value over finished, non-diverged seeds: mean, sample std, n, and
+    the 95% t-interval of the mean (`half` its half-width); `values` maps run → value."""
 
     mean: float = float("nan")
     std: float = float("nan")
     n: int = 0
     diverged: int = 0
+    values: dict = field(default_factory=dict)
 
     @property
     def missing(self) -> bool:
         return self.n == 0
 
+    @property
+    def half(self) -> float:
+        return Estimate(self.mean, self.std, self.n).half
+
+    @property
+    def low(self) -> float:
+        return self.mean - self.half
+
+    @property
+    def high(self) -> float:
+        return self.mean + self.half
+
     def text(self, digits: int = 4) -> str:
+        """'0.3706 ± 0.0123 (n=3)': the mean ± the half-width of its 95% t-interval."""
         if self.n == 0:
             return DIVERGED if self.diverged else MISSING
         s = f"{self.mean:.{digits}f}"
         if self.n > 1:
-            s += f" ± {self.std:.{digits}f} (n={self.n})"
+            s += f" ± {self.half:.{digits}f} (n={self.n})"
         if self.diverged:
             s += f" [{self.diverged} diverged]"
         return s
@@ -90,13 +106,12 @@ def cell(logs: Logs, values: pd.DataFrame, where: dict, split: str, tag: str) ->
     chosen = runs[mask]
     diverged = int((chosen["status"] == DIVERGED).sum())
     ok = chosen[chosen["status"] == COMPLETE]["run"]
-    v = values[(values["run"].isin(ok)) & (values["split"] == split) & (values["tag"] == tag)]["value"]
-    v = [float(x) for x in v if math.isfinite(x)]
-    if not v:
+    rows = values[(values["run"].isin(ok)) & (values["split"] == split) & (values["tag"] == tag)]
+    by_run = {r: float(x) for r, x in zip(rows["run"], rows["value"]) if math.isfinite(x)}
+    if not by_run:
         return Cell(diverged=diverged)
-    series = pd.Series(v)
-    std = float(series.std(ddof=1)) if len(v) > 1 else float("nan")
-    return Cell(mean=float(series.mean()), std=std, n=len(v), diverged=diverged)
+    e = estimate(by_run.values())
+    return Cell(mean=e.mean, std=e.std, n=e.n, diverged=diverged, values=by_run)
 
 
 @dataclass
@@ -107,11 +122,21 @@ class Table:
     rows: list[list[str]]         # formatted cells, as shown
     data: list[dict]              # raw numbers for the CSV
     number: int = 0
+    compact: bool = False         # long reference tables: smaller type
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.data)
 
 
 def cell_record(prefix: dict, c: Cell) -> dict:
-    return {**prefix, "mean": None if c.missing else c.mean,
-            "std": None if c.n < 2 else c.std, "n": c.n, DIVERGED: c.diverged}  # runs that diverged
+    """A CSV row: mean, std, n and the 95% interval (empty where n < 2), runs diverged."""
+    two = c.n >= 2
+    return {**prefix, "mean": None if c.missing else c.mean, "std": c.std if two else None, "n": c.n,
+            "ci_low": c.low if two else None, "ci_high": c.high if two else None, DIVERGED: c.diverged}
+
+
+def comparison_record(prefix: dict, c) -> dict:
+    """A CSV row of a tested difference (report.stats.Comparison)."""
+    return {**prefix, "difference": c.diff, "ci_low": c.low if c.tested else None,
+            "ci_high": c.high if c.tested else None, "n": c.n, "p": c.p if c.tested else None,
+            "p_holm": c.p_adj if c.tested else None, "family": c.family, "kind": c.kind}

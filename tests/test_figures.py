@@ -6,15 +6,10 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from report.figures import (FigureCache, Series, curve, draw_figure, line_figure, off_scale_note,
-                            panels_figure, t_quantile, y_limits)
-
-# scipy.stats.t.ppf(0.975, df), written down from scipy 1.17.1 (scipy is not a dependency).
-T975 = {1: 12.706204736174694, 2: 4.302652729749462, 3: 3.1824463052837078, 4: 2.7764451051977934,
-        5: 2.5705818356363146, 9: 2.262157162798205, 19: 2.0930240544083087, 29: 2.045229642132703,
-        99: 1.9842169515864174}
-
+                            panels_figure, y_limits)
 
 def scalars(values: dict[str, list[float]], *, split="train", tag="loss", steps=None) -> pd.DataFrame:
     rows = []
@@ -22,20 +17,6 @@ def scalars(values: dict[str, list[float]], *, split="train", tag="loss", steps=
         for i, v in enumerate(vs):
             rows.append({"run": run, "split": split, "tag": tag, "step": (steps or range(len(vs)))[i], "value": v})
     return pd.DataFrame(rows, columns=["run", "split", "tag", "step", "value"])
-
-
-def test_t_quantile_matches_scipy_reference_values():
-    for df, want in T975.items():
-        assert t_quantile(0.975, df) == pytest.approx(want, rel=1e-12, abs=0)
-    with pytest.raises(ValueError):
-        t_quantile(0.975, 0)
-
-
-def test_t_quantile_matches_scipy_when_installed():
-    stats = pytest.importorskip("scipy.stats")
-    for df in range(1, 60):
-        for p in (0.9, 0.975, 0.995):
-            assert t_quantile(p, df) == pytest.approx(float(stats.t.ppf(p, df)), rel=1e-12)
 
 
 def test_band_is_the_95_percent_t_interval_of_the_mean_over_seeds():
@@ -47,11 +28,11 @@ def test_band_is_the_95_percent_t_interval_of_the_mean_over_seeds():
         mean = sum(seeds) / 3
         sd = math.sqrt(sum((v - mean) ** 2 for v in seeds) / 2)
         assert s.mean[i] == pytest.approx(mean, abs=1e-12)
-        assert s.band[i] == pytest.approx(T975[2] * sd / math.sqrt(3), abs=1e-9)
+        assert s.band[i] == pytest.approx(stats.t.ppf(0.975, 2) * sd / math.sqrt(3), abs=1e-9)
         assert s.sd[i] == s.std[i] == pytest.approx(sd, abs=1e-12)
     # Two seeds: t with one degree of freedom; one seed: no band at all.
     two = curve(scalars(values), ["a", "b"], "train", "loss", label="x")
-    assert two.band[0] == pytest.approx(T975[1] * abs(1.0 - 1.5) / math.sqrt(2) / math.sqrt(2), abs=1e-9)
+    assert two.band[0] == pytest.approx(stats.t.ppf(0.975, 1) * abs(1.0 - 1.5) / math.sqrt(2) / math.sqrt(2), abs=1e-9)
     one = curve(scalars(values), ["a"], "train", "loss", label="x")
     assert one.n == 1 and one.band is None and one.std is None
 

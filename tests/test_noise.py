@@ -175,16 +175,6 @@ def test_smoke_runs_log_finite_gradient_noise_scalars(smoke):
 
 # --- the report's "Gradient noise" section ------------------------------------------------
 
-def test_placement_sentences_follow_the_measured_scale():
-    from report.gradient import placement_sentence
-
-    assert "below the noise scale" in placement_sentence("r", 32, 400.0, 10)
-    assert "12.5× the batch" in placement_sentence("r", 32, 400.0, 10)
-    assert "diminishing returns" in placement_sentence("r", 1024, 100.0, 10)
-    assert "within a factor of 2" in placement_sentence("r", 128, 100.0, 10)
-    assert "cannot be placed" in placement_sentence("r", 128, None, 4)
-
-
 def test_windowed_loss_and_steps_to_target():
     import pandas as pd
 

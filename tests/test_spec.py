@@ -59,7 +59,11 @@ def test_every_preset_loads():
 
 def test_lab3_mnist_is_document_004():
     exp = load_experiment("lab3-mnist")
-    assert exp.dataset == "mnist" and len(exp.runs) == 30
+    # 004's grid (3 initializers × 5 batch sizes × BN off/on), with 3 seeds so that the
+    # report can test its comparisons.
+    assert exp.dataset == "mnist" and len(exp.runs) == 90
+    assert sorted({r.seed for r in exp.runs}) == [0, 1, 2]
+    assert sorted({r.seed for r in load_experiment("lab").runs}) == [0, 1, 2]
     run = exp.runs[0]
     assert (run.activation, run.optimizer, run.learning_rate, run.epochs) == ("tanh", "adam", 0.001, 5)
     assert sorted({r.batch_size for r in exp.runs}) == [64, 128, 256, 512, 1024]
