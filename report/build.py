@@ -135,7 +135,7 @@ class Builder:
         """Register a tested comparison for the Findings section: `group` names the kind of
         effect ("Batch norm, val loss, He normal"), `item` the setting ("batch 256")."""
         if c is not None:
-            c.where = f"Table {table.number}"
+            c.where = self.doc.ref(table)
             c.extra.update(group=group, item=item)
             self.findings.append((c, f"{group}, {item}" if item else group))
 
@@ -389,6 +389,7 @@ def build(logs: Logs, *, template: str, summary: str = "final", smoothing: float
     builder = Builder(logs, summary=summary, smoothing=smoothing, figure_cache=figure_cache,
                       target_loss=target_loss)
     doc = {"lab": lab, "task": task, "results": results}[template](builder)
+    doc.finish()
     if figure_cache is not None:
         figure_cache.prune()
     exp = {**logs.experiment.get("experiment", {}), **{k: v for k, v in (title_block or {}).items() if v}}

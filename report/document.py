@@ -4,9 +4,13 @@ same numbers."""
 from __future__ import annotations
 
 import base64
+import re
 from dataclasses import dataclass, field
 
 from report.tables import Table
+
+
+REF = re.compile(r"⟦(\d+)⟧")
 
 
 @dataclass
@@ -47,6 +51,38 @@ class Document:
         table.number = len(self.tables) + 1
         self.tables.append(table)
         sec.blocks.append({"kind": "table", "table": table})
+
+    @staticmethod
+    def ref(table: Table) -> str:
+        """'Table N' in text written before the document is finished: a section filled
+        late (Findings) adds its own tables after the ones it names, so numbers are only
+        final in `finish()`, which rewrites these marks."""
+        return f"Table ⟦{table.number}⟧"
+
+    def finish(self) -> None:
+        """Number tables in reading order and resolve the marks `ref` left in the text."""
+        order = [b["table"] for sec in self.sections for block in sec.blocks
+                 for b in (block["blocks"] if block["kind"] == "row" else [block]) if b["kind"] == "table"]
+        final = {t.number: i + 1 for i, t in enumerate(order)}
+        for t in order:
+            t.number = final[t.number]
+        self.tables = order
+
+        def fix(text):
+            return REF.sub(lambda m: str(final[int(m.group(1))]), text) if isinstance(text, str) else text
+
+        for sec in self.sections:
+            for block in sec.blocks:
+                for b in (block["blocks"] if block["kind"] == "row" else [block]):
+                    for k in ("text", "caption"):
+                        if k in b:
+                            b[k] = fix(b[k])
+                    if "items" in b:
+                        b["items"] = [fix(i) for i in b["items"]]
+                    if b["kind"] == "table":
+                        b["table"].rows = [[fix(v) for v in row] for row in b["table"].rows]
+                        b["table"].caption = fix(b["table"].caption)
+                        b["table"].data = [{k: fix(v) for k, v in d.items()} for d in b["table"].data]
 
     def side_by_side(self, sec: Section, count: int = 2) -> None:
         """Lay the section's last `count` blocks (a figure and its table, say) out in one row;
