@@ -139,9 +139,10 @@ class Builder:
             c.extra.update(group=group, item=item)
             self.findings.append((c, f"{group}, {item}" if item else group))
 
-    def section_keys(self) -> list[dict]:
-        """One dict per combination of the varying factors other than batch size and BN."""
-        keys = [f for f in self.factors if f not in SECTION_AXES_EXCLUDED]
+    def section_keys(self, exclude=SECTION_AXES_EXCLUDED) -> list[dict]:
+        """One dict per combination of the varying factors other than `exclude` (batch size
+        and BN: the axes the lab format lays out inside a section)."""
+        keys = [f for f in self.factors if f not in exclude]
         if not keys:
             return [{}]
         combos = self.logs.runs[keys].drop_duplicates().sort_values(keys)

@@ -9,8 +9,14 @@ import re
 import sys
 from pathlib import Path
 
-from contract.layout import (EXPERIMENT_MANIFEST, REPORT_HTML, REPORT_PDF, REPORT_TABLES, TEMPLATES,
-                             control_characters)
+from contract.layout import (
+    EXPERIMENT_MANIFEST,
+    REPORT_HTML,
+    REPORT_PDF,
+    REPORT_TABLES,
+    TEMPLATES,
+    control_characters,
+)
 
 FORMATS = ("pdf", "html")
 EXIT_USAGE = 2

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 from report.tables import Table
 
-
 REF = re.compile(r"⟦(\d+)⟧")
 
 

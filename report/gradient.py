@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from contract.layout import (
+    DIVERGED,
     NOISE_B_SIMPLE,
     NOISE_EPOCH_AT_BATCH,
     NOISE_EPOCH_B_SIMPLE,
@@ -131,7 +132,7 @@ def add_section(builder, target_loss: float | None = None) -> None:
                 rows.append([str(bs), label] + [fmt(c) for c in cells] + [f"{len(finals[tags[0]])} of {len(runs)}"])
                 data.append({"batch_size": bs, "batch_norm": bn, "runs": len(runs), **{
                     f"{t.removeprefix('epoch_')}_{k}": v for t, c in zip(tags, cells)
-                    for k, v in cell_record({}, c).items() if k != "diverged"}})
+                    for k, v in cell_record({}, c).items() if k != DIVERGED}})
         if rows:
             doc.table(sec, Table(
                 f"gradient_noise_{builder.slug(key)}",

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from itertools import combinations
 
-from contract.layout import EPOCH_ACCURACY, EPOCH_LOSS, STEP_LOSS, TRAIN, VALIDATION
+from contract.layout import (
+    COMPLETE,
+    EPOCH_ACCURACY,
+    EPOCH_LOSS,
+    STEP_LOSS,
+    TRAIN,
+    VALIDATION,
+)
 from report import analysis, gradient, stats
 from report.build import BN_LABEL, PRETTY_INIT, Builder
 from report.document import Document
@@ -152,7 +159,7 @@ def _comparison(b: Builder, key: dict, per_bs: dict, slopes: dict) -> None:
     steps = {}
     runs = b.logs.runs
     for bs in b.batch_sizes:
-        chosen = runs[(runs["batch_size"] == bs) & (runs["status"] == "complete")]
+        chosen = runs[(runs["batch_size"] == bs) & (runs["status"] == COMPLETE)]
         if not chosen.empty:
             steps[bs] = float(chosen["steps"].median())
     epochs = runs["epochs"].iloc[0] if "epochs" in runs and "epochs" not in b.factors else None

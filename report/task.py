@@ -8,6 +8,7 @@ import re
 import numpy as np
 
 from contract.layout import (
+    DIVERGED,
     EPOCH_ACCURACY,
     EPOCH_LOSS,
     EPOCH_METRICS,
@@ -38,8 +39,18 @@ def _opening(b: Builder) -> Section:
     return findings
 
 
+def _keys(b: Builder) -> list[dict]:
+    """Every combination of the varying factors except batch size (batch norm included:
+    these formats have no with/without layout, so a cell must not mix the two)."""
+    return b.section_keys(exclude={"batch_size"})
+
+
+def _titles(b: Builder) -> dict[str, str]:
+    return {b.slug(k): b.section_title(k) for k in _keys(b) if k}
+
+
 def _cells(b: Builder) -> list[dict]:
-    return [{**k, "batch_size": bs} if bs is not None else dict(k) for k in b.section_keys() for bs in b.batch_sizes]
+    return [{**k, "batch_size": bs} if bs is not None else dict(k) for k in _keys(b) for bs in b.batch_sizes]
 
 
 def _title(where: dict) -> str:
@@ -52,7 +63,7 @@ def _slopes(b: Builder, key_cells: list[dict]) -> dict:
     factors, Holm-adjusted as one family."""
     out = {}
     if len(b.batch_sizes) > 1:
-        for key in b.section_keys():
+        for key in _keys(b):
             for col, split, tag in COLUMNS:
                 out[b.slug(key), col] = b.slope(key, split, tag, what=b.what(split, tag), label="batch size")
     stats.holm([c for c in out.values() if c is not None])
@@ -75,7 +86,7 @@ def task(b: Builder) -> Document:
     bullets = []
     for (slug, col), c in slopes.items():
         if col in ("val_loss", "val_accuracy"):
-            b.finding(c, table, f"Batch size (slope), {col.replace('_', ' ')}", "" if slug == "all" else slug)
+            b.finding(c, table, f"Batch size (slope), {col.replace('_', ' ')}", _titles(b).get(slug, ""))
             bullets.append(analysis.slope_sentence(c))
     b.doc.bullets(sec, bullets)
     sec = b.doc.section("Key Takeaway")
@@ -98,7 +109,7 @@ def results(b: Builder) -> Document:
         rows.append([_title(where)] + [cs[col].text() for col, _, _ in COLUMNS])
         for col, c in cs.items():
             data.append(cell_record({**where, "metric": col}, c))
-    for key in b.section_keys():
+    for key in _keys(b):
         row = [c for c in (slopes.get((b.slug(key), col)) for col, _, _ in COLUMNS)]
         rows.append([f"Slope per doubling{', ' + b.section_title(key) if key else ''}"]
                     + [analysis.diff_cell(c) for c in row])
@@ -115,7 +126,7 @@ def results(b: Builder) -> Document:
     sec = b.doc.section("Short Analysis")
     bullets = []
     for (slug, col), c in slopes.items():
-        b.finding(c, table, f"Batch size (slope), {col.replace('_', ' ')}", "" if slug == "all" else slug)
+        b.finding(c, table, f"Batch size (slope), {col.replace('_', ' ')}", _titles(b).get(slug, ""))
         bullets.append(analysis.slope_sentence(c))
     b.doc.bullets(sec, bullets)
     gradient.add_section(b, b.target_loss)
@@ -141,7 +152,7 @@ def _epoch_table(b: Builder, sec: Section, where: dict) -> None:
         record = {"epoch": int(step) + 1}
         for c, e in cells.items():
             record.update({f"{c}_{k}": v for k, v in cell_record({}, Cell(e.mean, e.std, e.n)).items()
-                           if k != "diverged"})
+                           if k != DIVERGED})
         data.append(record)
     n = len(runs)
     note = f" (mean ± 95% CI half-width over {n} seeds)" if n > 1 else ""
@@ -165,7 +176,7 @@ def _summary_table(b: Builder, sec: Section, cells: list[dict], slopes: dict) ->
         data.append({**where, **{f"val_loss_{k}": v for k, v in cell_record({}, val).items()},
                      **{f"val_accuracy_{k}": v for k, v in cell_record({}, acc).items()},
                      **{f"roughness_{k}": v for k, v in cell_record({}, rough).items()}})
-    for key in b.section_keys():
+    for key in _keys(b):
         row = [slopes.get((b.slug(key), col)) for col in ("val_loss", "val_accuracy")]
         rows.append([f"Slope per doubling{', ' + b.section_title(key) if key else ''}"]
                     + [analysis.diff_cell(c) for c in row] + [""])

@@ -1,13 +1,14 @@
 """The experiment as it ran: command-line overrides written into experiment.json's
-source_text (trainer.spec.as_run_text), and each run.json's "pack" entry."""
+source_text (trainer.as_run.as_run_text), and each run.json's "pack" entry."""
 import json
 import os
 import textwrap
-import tomllib
 
 import pytest
+import tomllib
 
-from trainer.spec import as_run_text, list_presets, load_experiment, resolve_experiment_path
+from trainer.as_run import as_run_text
+from trainer.spec import list_presets, load_experiment, resolve_experiment_path
 
 FILE = textwrap.dedent('''\
     # A comment at the top.

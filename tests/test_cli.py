@@ -116,7 +116,7 @@ def test_an_unfinished_grid_makes_a_draft_and_final_refuses_it(fixture_logs, tmp
     assert "draft: 1 run(s) of the grid are not finished: init=glorot_normal,bs=256,bn=off,seed=0 (missing)" \
         in result.stderr
     html = (tmp_path / "draft" / "report.html").read_text()
-    assert "DRAFT: 1 of 9 runs of the grid are not finished (1 missing)" in html
+    assert "DRAFT: 1 of 13 runs of the grid are not finished (1 missing)" in html
     assert '@bottom-left { content: "DRAFT: grid not finished"' in html
     final = _report("--logdir", str(fixture_logs), "--out", str(tmp_path / "final"), "--final")
     assert final.returncode == 1 and "nothing was written" in final.stderr

@@ -12,10 +12,11 @@ from typing import TextIO
 from contract.layout import EXPERIMENT_MANIFEST, FAILED
 from contract.spec import RunSpec
 from trainer import data as datasets
+from trainer.as_run import as_run_text
 from trainer.events import write_hparams_config
 from trainer.executors import EXECUTORS, Task, run_local, run_ray, share_dataset
 from trainer.manifest import DISK_ERRORS, is_reusable, run_config, write_json_atomic
-from trainer.spec import Experiment, ExperimentError, as_run_text
+from trainer.spec import Experiment, ExperimentError
 
 
 class LogDirError(Exception):
