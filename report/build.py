@@ -10,6 +10,9 @@ from __future__ import annotations
 import math
 import re
 from datetime import date
+from pathlib import Path
+
+import tomllib
 
 from contract.layout import (
     COMPLETE,
@@ -20,6 +23,7 @@ from contract.layout import (
     TEXT_LIMITS,
     TRAIN,
     clip,
+    control_characters,
 )
 from report import analysis, stats
 from report.document import Document, Section
@@ -393,7 +397,8 @@ def build(logs: Logs, *, template: str, summary: str = "final", smoothing: float
     doc.finish()
     if figure_cache is not None:
         figure_cache.prune()
-    exp = {**logs.experiment.get("experiment", {}), **{k: v for k, v in (title_block or {}).items() if v}}
+    exp = {**logs.experiment.get("experiment", {}), **title_from_file(logs.experiment),
+           **{k: v for k, v in (title_block or {}).items() if v}}
     return {
         "title": clip(exp.get("title") or logs.logdir.name, TEXT_LIMITS["title"]),
         "author": clip(exp.get("author", ""), TEXT_LIMITS["author"]), "id": clip(exp.get("id", ""), TEXT_LIMITS["id"]),
@@ -401,6 +406,22 @@ def build(logs: Logs, *, template: str, summary: str = "final", smoothing: float
         "template": template, "sections": doc.sections, "tables": doc.tables, "draft": draft_line(logs),
         "n_figures": doc.figures, "runs_read": len(logs.runs), "points_read": logs.points_read,
     }
+
+
+TITLE_FIELDS = ("title", "author", "id", "date")
+
+
+def title_from_file(experiment: dict) -> dict:
+    """The title block as the experiment file says it now: an author or ID added to the
+    TOML after training shows without retraining (the rest of the file is not reread)."""
+    source = (experiment.get("experiment") or {}).get("source")
+    try:
+        doc = tomllib.loads(Path(source).read_text(encoding="utf-8")) if source else {}
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return {}
+    meta = doc.get("experiment") if isinstance(doc.get("experiment"), dict) else {}
+    return {k: meta[k] for k in TITLE_FIELDS if isinstance(meta.get(k), str) and meta[k]
+            and not control_characters(meta[k])}
 
 
 def draft_line(logs: Logs) -> str:

@@ -119,6 +119,21 @@ def test_slope_is_linregress_against_log2_batch_size():
     assert stats.slope([(64, 0.5), (64, 0.6), (64, 0.7)], what="w", label="x") is None
 
 
+def test_paired_identical_differences_up_to_float32_rounding_are_not_tested():
+    """TensorBoard stores scalars as float32: a difference that is the same in every pair
+    (the fixture's +0.02 accuracy of batch norm) comes back identical only up to float32
+    rounding, and must still count as "identical differences" (no t-test, no direction)."""
+    a = {s: f32(fx.accuracy(2, 64, False, s) - 0.01) for s in fx.SEEDS}
+    b = {s: f32(fx.accuracy(2, 64, True, s) - 0.01) for s in fx.SEEDS}
+    d = np.array([b[s] - a[s] for s in fx.SEEDS])
+    assert np.ptp(d) < 1e-6  # the same difference, 0.02, up to float32 rounding
+    c = stats.paired(a, b, what="final epoch validation accuracy", label="batch norm at batch size 64")
+    assert c.diff == pytest.approx(0.02, abs=1e-6)
+    assert not c.tested, (c.low, c.high, c.p)
+    stats.holm([c])
+    assert not c.resolved
+
+
 def _cmp(p: float, n: int = 3, kind: str = "paired") -> stats.Comparison:
     return stats.Comparison("w", f"p={p}", kind, -0.1, -0.2, 0.0, n, p, 1.0)
 
@@ -157,8 +172,13 @@ SEED_OFFSET = (0.0, 0.004, -0.003)
 BN_EFFECT = {32: (-0.120, -0.118, -0.1215), 64: (0.006, -0.009, 0.004), 128: (0.081, 0.078, 0.0805)}
 
 
+# Not a straight line in log2(batch size): real grids never are.
+WIGGLE = {32: 0.0, 64: 0.004, 128: -0.001}
+
+
 def grid_train_loss(bs: int, bn: bool, seed: int) -> float:
-    return round(0.5 + 0.02 * math.log2(bs / 32) + SEED_OFFSET[seed] + (BN_EFFECT[bs][seed] if bn else 0.0), 6)
+    return round(0.5 + 0.02 * math.log2(bs / 32) + WIGGLE[bs] + SEED_OFFSET[seed]
+                 + (BN_EFFECT[bs][seed] if bn else 0.0), 6)
 
 
 def grid_val_loss(bs: int, bn: bool, seed: int) -> float:
@@ -467,14 +487,21 @@ def test_one_seed_grid_claims_nothing_and_says_how_to_add_seeds(one_seed_grid):
     _, html = one_seed_grid
     findings = section(html, "Findings")
     text = " ".join(findings["paragraphs"] + findings["bullets"])
-    assert "Nothing can be resolved" in text, text
-    assert "seed = [0, 1, 2]" in text, text
-    assert not findings["tables"], findings["tables"]
+    problems = []  # every way the report claims more than one seed can show, listed at once
+    if "Nothing can be resolved" not in text:
+        problems.append(f"Findings does not say nothing can be resolved: {text}")
+    if "seed = [0, 1, 2]" not in text:
+        problems.append(f"Findings does not say how to add seeds: {text}")
+    if findings["tables"]:
+        problems.append(f"Findings has a table of effects: {findings['tables']}")
     for sec in sections(html):
         for sentence in sec["paragraphs"] + sec["bullets"]:
-            assert not DIRECTION_WORDS.search(sentence), (sec["title"], sentence)
+            if DIRECTION_WORDS.search(sentence):
+                problems.append(f"{sec['title']}: claims a direction: {sentence}")
         for n, cells in sec["tables"].items():
-            assert not [c for c in cells if "±" in c], (sec["title"], n, [c for c in cells if "±" in c])
+            if any("±" in c for c in cells):
+                problems.append(f"{sec['title']}: Table {n} shows ±: {[c for c in cells if '±' in c]}")
+    assert not problems, "\n".join(problems)
 
 
 def relative_effect(label: str) -> float:

@@ -301,3 +301,22 @@ def test_parse_cache_reuses_unchanged_files_and_reparses_changed_ones(fixture_lo
     victim.write_bytes(victim.read_bytes()[:-5])
     for _ in range(2):
         assert any(p.startswith(run + ": train event file") for p in load_logs(logs, cache_dir=cache).problems)
+
+
+def test_title_block_follows_the_experiment_file_as_it_is_now(fixture_logs, tmp_path):
+    """An author added to the TOML after training shows without retraining; the command
+    line's options win over both."""
+    logs = tmp_path / "logs"
+    shutil.copytree(fixture_logs, logs)
+    toml = tmp_path / "exp.toml"
+    toml.write_text('[experiment]\ntitle = "Fixture lab"\nauthor = "Added Later"\nid = "S-7"\n')
+    manifest = json.loads((logs / "experiment.json").read_text())
+    manifest["experiment"]["source"] = str(toml)
+    (logs / "experiment.json").write_text(json.dumps(manifest))
+    assert main(["--logdir", str(logs), "--out", str(tmp_path / "a"), "--format", "html"]) == 0
+    html = (tmp_path / "a" / "report.html").read_text()
+    assert "<div>Added Later</div>" in html and "<div>S-7</div>" in html and "A. Student" not in html
+    assert main(["--logdir", str(logs), "--out", str(tmp_path / "b"), "--format", "html",
+                 "--author", "Ana Lima", "--date", "2026-01-02"]) == 0
+    html = (tmp_path / "b" / "report.html").read_text()
+    assert "<div>Ana Lima</div>" in html and "<div>2026-01-02</div>" in html and "<div>S-7</div>" in html
