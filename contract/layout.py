@@ -39,7 +39,10 @@ NOISE_STEP_TAGS = (NOISE_G2, NOISE_TRACE, NOISE_B_SIMPLE, NOISE_AT_BATCH, NOISE_
 # ...and the epoch-end values again at step = epoch index, plus the loss curve's roughness.
 NOISE_EPOCH_B_SIMPLE, NOISE_EPOCH_AT_BATCH = "epoch_b_simple", "epoch_noise_at_batch"
 NOISE_EPOCH_COSINE, NOISE_ROUGHNESS = "epoch_cosine", "loss_roughness"
-NOISE_EPOCH_TAGS = (NOISE_EPOCH_B_SIMPLE, NOISE_EPOCH_AT_BATCH, NOISE_EPOCH_COSINE, NOISE_ROUGHNESS)
+# The 95% interval of the epoch-end B_simple (see contract/noise.py for how it is formed).
+NOISE_EPOCH_B_LOW, NOISE_EPOCH_B_HIGH = "epoch_b_simple_low", "epoch_b_simple_high"
+NOISE_EPOCH_TAGS = (NOISE_EPOCH_B_SIMPLE, NOISE_EPOCH_AT_BATCH, NOISE_EPOCH_COSINE, NOISE_ROUGHNESS,
+                    NOISE_EPOCH_B_LOW, NOISE_EPOCH_B_HIGH)
 
 
 def noise_tag(name: str) -> str:
