@@ -82,6 +82,9 @@ def paired_sentence(c: Comparison | None, *, treatment: str, control: str) -> st
 def slope_sentence(c: Comparison | None, *, axis: str = "batch size") -> str | None:
     if c is None:
         return None
+    if not c.tested:
+        return (f"The {c.what} changed by {signed(c.diff)} per doubling of the {axis}, fitted over {c.n} runs with "
+                f"one seed per {axis}, so no interval can be formed; {SEEDS_HINT}.")
     if c.resolved:
         word = "rose" if c.diff > 0 else "fell"
         return (f"The {c.what} {word} with {axis}: {signed(c.diff)} per doubling ({_evidence(c)}).")

@@ -16,6 +16,9 @@ from scipy import stats
 
 LEVEL = 0.95
 ALPHA = 1 - LEVEL
+# Logged scalars are float32 (relative precision ≈ 1.2e-7): spreads below this fraction of
+# the values are rounding, not data.
+ROUNDING = 1e-6
 
 
 def _t(df: int) -> float:
@@ -97,9 +100,9 @@ def paired(a: dict, b: dict, *, what: str, label: str) -> Comparison | None:
     if n < 2:
         return Comparison(what, label, "paired", mean, math.nan, math.nan, n, math.nan, float(x.mean()))
     sd = float(d.std(ddof=1))
-    if sd <= 1e-12 * max(1.0, abs(mean)):
-        # Identical differences in every pair (up to rounding): the t statistic is undefined
-        # or meaningless; the interval is that one value and nothing is tested.
+    if sd <= ROUNDING * float(np.abs(np.concatenate([x, y])).max()):
+        # Identical differences in every pair, up to the float32 rounding of logged values:
+        # the t statistic is undefined or meaningless; nothing is tested.
         return Comparison(what, label, "paired", mean, mean, mean, n, math.nan, float(x.mean()))
     half = _t(n - 1) * sd / math.sqrt(n)
     p = float(stats.ttest_rel(y, x).pvalue)
@@ -114,6 +117,12 @@ def slope(points: list[tuple[float, float]], *, what: str, label: str) -> Compar
         return None
     ys = np.array([y for _, y in pts], dtype=float)
     fit = stats.linregress(xs, ys)
+    if len(pts) == len(set(xs.tolist())) or fit.stderr <= ROUNDING * float(np.abs(ys).max()):
+        # One run per batch size: the residuals would mix seed noise with any bend of the
+        # curve, and the interval would rest on one degree of freedom per extra batch
+        # size. Without repeated seeds the slope is shown, not tested.
+        return Comparison(what, label, "slope", float(fit.slope), math.nan, math.nan, len(pts), math.nan,
+                          float(ys.mean()), extra={"x": sorted({x for x, _ in pts})})
     half = _t(len(pts) - 2) * fit.stderr
     p = float(fit.pvalue) if math.isfinite(fit.pvalue) else math.nan
     return Comparison(what, label, "slope", float(fit.slope), float(fit.slope - half), float(fit.slope + half),
