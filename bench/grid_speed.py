@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from contract.layout import COMPLETE, RUN_MANIFEST
+from contract.stderr import quietly
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = {"limit": 6000, "epochs": 2}
@@ -109,6 +110,12 @@ def grid_flops(exp, train_examples: int, val_examples: int) -> float:
 
 
 def main(argv=None) -> int:
+    # TensorFlow's start-up lines, this process's and both sides' (they inherit descriptor 2),
+    # kept off the terminal; anything else either side prints on stderr is shown.
+    return quietly(lambda: _main(argv))
+
+
+def _main(argv) -> int:
     args = parse_args(argv)
     if args.baseline_into:
         baseline(args)

@@ -40,3 +40,17 @@ def test_noise_overhead_benchmark_trains_both_sides(synthetic_npz):
     # The "on" side measured: at least at each of the 2 epoch ends of each of the 4 runs a row.
     assert all(int(row[-1]) >= 8 for row in rows.values())
     assert re.fullmatch(r"gradient noise overhead: -?\d+\.\d%", lines[-1])
+
+
+@pytest.mark.slow
+def test_make_bench_quick_runs_from_a_fresh_checkout(synthetic_npz):
+    """`make bench QUICK=1` needs no trained grid (it trains both sides in temporary
+    folders) and ends with the ratio; TensorFlow's start-up lines stay off the terminal."""
+    result = subprocess.run(["make", "--no-print-directory", "bench", "QUICK=1", "EXPERIMENT=smoke",
+                             f"DATA={synthetic_npz}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert re.fullmatch(r"speedup: \d+\.\d\dx", lines[-1])
+    assert any(line.startswith("compute floor: ") for line in lines)
+    assert "all runs complete with per-step losses: True" in lines
+    assert "cuInit" not in result.stderr and "oneDNN custom operations" not in result.stderr
