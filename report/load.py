@@ -45,14 +45,25 @@ class Logs:
     digest: str = ""
     cache_hits: int = 0     # event files read from the parse cache
     cache_misses: int = 0   # event files parsed
+    # The template the runs' factors suggest, for logs without an experiment.json written
+    # by others ("lab" when batch norm or the initializer varies, else "task"); None for ours.
+    template_hint: str | None = None
 
 
-def load_logs(logdir: Path, *, cache_dir: Path | None = None, verbose: bool = False) -> Logs:
+def load_logs(logdir: Path, *, cache_dir: Path | None = None, verbose: bool = False,
+              factors: str | None = None) -> Logs:
     """Read a grid's logs; `cache_dir` keeps parsed event files between calls. `verbose`:
-    let TensorFlow print its start-up lines when a file needs parsing."""
+    let TensorFlow print its start-up lines when a file needs parsing. `factors`: the
+    --factors pattern or file for runs without a run.json or hparams (report.factors)."""
+    from report.factors import FactorsError, parse_factors
+
     logdir = Path(logdir)
     if not logdir.is_dir():
         raise LogsError(f"no log folder {logdir} — {train_hint(logdir)}")
+    try:
+        factor_source = parse_factors(factors) if factors else None
+    except FactorsError as exc:
+        raise LogsError(str(exc)) from None
     experiment = read_json_dict(logdir / EXPERIMENT_MANIFEST) or {}
     problems: list[str] = []
     cache = ParseCache(cache_dir)
