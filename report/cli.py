@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="exit with status 1, writing nothing, if any run of the grid is not finished "
                         "(default: write the report marked DRAFT)")
     p.add_argument("--verbose", action="store_true", help="let TensorFlow print its start-up lines")
+    p.add_argument("--factors", help="for runs written by others (no run.json, no hparams): a pattern matched "
+                                     "against each run folder's name, e.g. \"{initializer}_bs{batch_size}_{batch_norm}\", "
+                                     "or a .csv/.toml file mapping run → factors (header run,initializer,batch_size,...)")
     return p.parse_args(argv)
 
 
@@ -74,6 +77,12 @@ def _check(args) -> list[str]:
         value = getattr(args, name)
         if value is not None and control_characters(value):
             errors.append(f"--{name.replace('_', '-')} holds control characters; give plain text")
+    if args.factors is not None:
+        from report.factors import factors_error
+
+        error = factors_error(args.factors)
+        if error:
+            errors.append(error)
     args.formats = formats
     return errors
 
@@ -101,11 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir = None if args.no_cache or fresh_final else (args.cache or out / ".cache")
     figure_cache = FigureCache(cache_dir / "figures" if cache_dir else None)
     try:
-        logs = load_logs(args.logdir, cache_dir=cache_dir, verbose=args.verbose)
+        logs = load_logs(args.logdir, cache_dir=cache_dir, verbose=args.verbose, factors=args.factors)
     except LogsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    template = args.template or (logs.experiment.get("experiment") or {}).get("template") or TEMPLATES[0]
+    template = (args.template or (logs.experiment.get("experiment") or {}).get("template") or logs.template_hint
+                or TEMPLATES[0])
     if template not in TEMPLATES:
         print(f"error: {args.logdir}/{EXPERIMENT_MANIFEST} names the template {str(template)[:80]!r}, which "
               f"does not exist; valid templates: {', '.join(TEMPLATES)} (choose one with --template, "
