@@ -1,1 +1,4 @@
-"""Event files → tables, figures and a lab report."""
+"""TensorBoard logs → a numbered lab report (PDF, HTML, LaTeX, CSV): `make_report`."""
+from report.api import Report, ReportError, make_report
+
+__all__ = ["Report", "ReportError", "make_report"]

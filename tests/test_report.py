@@ -137,7 +137,7 @@ def test_task_template_has_the_five_sections(fixture_logs, tmp_path):
     heads = re.findall(r"<h2[^>]*>\d+ ([^<]+)</h2>", html)
     assert heads[:6] == ["Objective", "Findings", "Code Used", "Results", "Short Analysis", "Key Takeaway"]
     assert "Fixture objective." in html and "batch_size = [64, 128]" in html
-    assert "Per-epoch results, batch size 64" in html
+    assert "Per-epoch results, without batch norm, batch size 64" in html
 
 
 def test_smoothing_is_tensorboards_debiased_ema():
