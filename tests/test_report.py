@@ -320,3 +320,24 @@ def test_title_block_follows_the_experiment_file_as_it_is_now(fixture_logs, tmp_
                  "--author", "Ana Lima", "--date", "2026-01-02"]) == 0
     html = (tmp_path / "b" / "report.html").read_text()
     assert "<div>Ana Lima</div>" in html and "<div>2026-01-02</div>" in html and "<div>S-7</div>" in html
+
+
+def test_each_preset_shape_follows_its_document(fixture_logs, tmp_path):
+    """002 (`results`): one row per batch size with loss, accuracy, val_loss, val_accuracy.
+    003 (a lab grid with no initializer axis): no heading for an axis that does not vary,
+    and a "Batch Size · Validation Accuracy" table with and without batch norm."""
+    assert main(["--logdir", str(fixture_logs), "--out", str(tmp_path / "r"), "--template", "results",
+                 "--format", "html"]) == 0
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert "<th>Setting</th><th>loss</th><th>accuracy</th><th>val_loss</th><th>val_accuracy</th>" in html
+    assert "Per-epoch results" not in html  # no per-epoch tables (200 epochs would be 85 pages)
+    df = table_csv(tmp_path / "r", "_results")
+    row = df[(pd.to_numeric(df["batch_size"], errors="coerce") == 64) & (df["batch_norm"].astype(str) == "False")
+             & (df["metric"] == "val_loss")].iloc[0]
+    assert row["mean"] == pytest.approx(statistics.mean(fx.expected_final("validation", 64, False)), rel=1e-6)
+    assert main(["--logdir", str(fixture_logs), "--out", str(tmp_path / "l"), "--format", "html"]) == 0
+    html = (tmp_path / "l" / "report.html").read_text()
+    heads = re.findall(r"<h2[^>]*>\d+ ([^<]+)</h2>", html)
+    assert "Results" in heads and not any("weight initialization" in h for h in heads)
+    assert re.search(r"Table \d+: Batch Size · Validation Accuracy", html)
+    assert "<th>Batch size</th><th>Without batch norm</th><th>With batch norm</th>" in html
