@@ -25,7 +25,7 @@ def _t(df: int) -> float:
     return float(stats.t.ppf(1 - ALPHA / 2, df))
 
 
-@dataclass(frozen=True)
+@dataclass
 class Estimate:
     """Mean of n values with the 95% t-interval of the mean (nan bounds for n < 2)."""
 

@@ -60,31 +60,16 @@ def factors(logs: Logs) -> list[str]:
 
 
 @dataclass
-class Cell:
-    """One grid cell's value over finished, non-diverged seeds: mean, sample std, n, and
-    the 95% t-interval of the mean (`half` its half-width); `values` maps run → value."""
+class Cell(Estimate):
+    """One grid cell's value over finished, non-diverged seeds: mean, sample std, n and the
+    95% t-interval of the mean (from Estimate); `values` maps run → value."""
 
-    mean: float = float("nan")
-    std: float = float("nan")
-    n: int = 0
     diverged: int = 0
     values: dict = field(default_factory=dict)
 
     @property
     def missing(self) -> bool:
         return self.n == 0
-
-    @property
-    def half(self) -> float:
-        return Estimate(self.mean, self.std, self.n).half
-
-    @property
-    def low(self) -> float:
-        return self.mean - self.half
-
-    @property
-    def high(self) -> float:
-        return self.mean + self.half
 
     def text(self, digits: int = 4) -> str:
         """'0.3706 ± 0.0123 (n=3)': the mean ± the half-width of its 95% t-interval."""
