@@ -1,100 +1,146 @@
-"""The report's "Gradient noise" section: the noise scale the trainer measured (tags
-`gradient/*` in each run's train/ folder), per batch size and batch norm, and how many
-steps and examples each setting took to reach a target training loss."""
+"""The report's "Gradient noise" section: the noise scale B_simple the trainer measured
+(tags `gradient/*` in each run's train/ folder) per batch size and batch norm, with a
+verdict where its interval is clear of the batch size by a factor 2, and the critical
+batch size read off the training curves (report/critical.py holds the arithmetic)."""
 from __future__ import annotations
 
+import hashlib
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from contract.layout import (
-    DIVERGED,
     NOISE_B_SIMPLE,
-    NOISE_EPOCH_AT_BATCH,
+    NOISE_EPOCH_B_HIGH,
+    NOISE_EPOCH_B_LOW,
     NOISE_EPOCH_B_SIMPLE,
-    NOISE_EPOCH_COSINE,
     NOISE_PREFIX,
-    STEP_LOSS,
     TRAIN,
     noise_tag,
 )
-from report.figures import curve, panels_figure
-from report.tables import Cell, Table, cell_record
+from report import critical as crit
+from report.build import PRETTY_INIT
+from report.critical import (  # noqa: F401  (the curve arithmetic, importable from here as before)
+    WINDOW_EXAMPLES,
+    default_target,
+    final_windowed_loss,
+    step_losses,
+    steps_to_target,
+    windowed_loss,
+)
+from report.figures import COLOURS, FigureCache, Series, draw_figure, figure_svg, style
+from report.stats import Estimate, estimate
+from report.tables import Cell, Table
 
-# A run has reached a loss when the mean of its step losses over the last ≈ this many
-# examples is at or below it: one noisy small-batch step does not count as reaching it.
-WINDOW_EXAMPLES = 2048
-
-
-def windowed_loss(steps: np.ndarray, losses: np.ndarray, batch_size: int) -> np.ndarray:
-    """Trailing mean over ⌈WINDOW_EXAMPLES / batch⌉ steps (fewer at the very start)."""
-    window = max(1, math.ceil(WINDOW_EXAMPLES / batch_size))
-    c = np.cumsum(np.insert(losses.astype(float), 0, 0.0))
-    idx = np.arange(1, len(losses) + 1)
-    start = np.maximum(idx - window, 0)
-    return (c[idx] - c[start]) / (idx - start)
-
-
-def step_losses(scalars: pd.DataFrame, run: str) -> tuple[np.ndarray, np.ndarray]:
-    df = scalars[(scalars["run"] == run) & (scalars["split"] == TRAIN) & (scalars["tag"] == STEP_LOSS)]
-    df = df.sort_values("step")
-    return df["step"].to_numpy(dtype=int), df["value"].to_numpy(dtype=float)
+# Drawn figures are cached by their data and this code: a change here draws anew.
+_CODE = hashlib.sha256(Path(__file__).read_bytes() + Path(crit.__file__).read_bytes()).hexdigest()[:16]
 
 
-def steps_to_target(scalars: pd.DataFrame, run: str, batch_size: int, target: float) -> int | None:
-    steps, losses = step_losses(scalars, run)
-    if not len(steps):
-        return None
-    reached = np.flatnonzero(windowed_loss(steps, losses, batch_size) <= target)
-    return int(steps[reached[0]]) if len(reached) else None
+# -- numbers as shown ----------------------------------------------------------------------
 
-
-def final_windowed_loss(scalars: pd.DataFrame, run: str, batch_size: int) -> float | None:
-    steps, losses = step_losses(scalars, run)
-    return float(windowed_loss(steps, losses, batch_size)[-1]) if len(steps) else None
-
-
-def default_target(scalars: pd.DataFrame, runs: dict[str, int]) -> float | None:
-    """The highest final (windowed) training loss among the runs, rounded up to 3
-    significant digits: a level every run reached, so the table compares how fast."""
-    finals = [v for run, bs in runs.items() if (v := final_windowed_loss(scalars, run, bs)) is not None
-              and math.isfinite(v)]
-    if not finals:
-        return None
-    top = max(finals)
-    if top <= 0:
-        return top
-    scale = 10 ** (math.floor(math.log10(top)) - 2)
-    return math.ceil(top / scale) * scale
-
-
-def fmt(c: Cell | None, digits: int = 3) -> str:
-    """Mean ± the half-width of its 95% t-interval, to `digits` significant digits."""
-    if c is None or c.missing:
+def num(x: float) -> str:
+    """3 significant digits, thousands as 4-digit integers, larger as k/M: 608, 4690, 30.9k."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
         return "—"
-    s = f"{c.mean:.{digits}g}"
-    return s + (f" ± {c.half:.{digits}g}" if c.n > 1 else "")
+    if math.isinf(x):
+        return "∞" if x > 0 else "−∞"
+    a = abs(x)
+    if a >= 1e6:
+        return f"{x / 1e6:.3g}M"
+    if a >= 1e4:
+        return f"{x / 1e3:.3g}k"
+    if a >= 1e3:
+        return f"{x:.0f}"
+    return f"{x:.3g}"
 
 
-def _moments(values: list[float]) -> tuple[float, float]:
-    v = np.asarray(values, dtype=float)
-    if not len(v):
-        return math.nan, math.nan
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan
+def fmt(c: Cell | Estimate | None) -> str:
+    """Mean ± the half-width of its 95% t-interval (no ± for one value)."""
+    if c is None or c.n == 0:
+        return "—"
+    return num(c.mean) + (f" ± {num(c.half)}" if c.n > 1 else "")
+
+
+def bracket(x: float, ci: crit.Interval, *, beyond: int | None = None) -> str:
+    """'212 [170, 260]': the value to 3 significant digits, its interval's bounds to 2;
+    infinite values as '∞' or, with `beyond`, '> 1024'."""
+    def one(v, digits=3):
+        if beyond is not None and v == math.inf:
+            return f"> {beyond}"
+        return num(float(f"{v:.{digits}g}")) if math.isfinite(v) else num(v)
+
+    if math.isnan(x):
+        return "—"
+    return one(x) + (f" [{one(ci.low, 2)}, {one(ci.high, 2)}]" if ci.defined else "")
+
+
+def _grouped(rows: list[list[str]]) -> list[list[str]]:
+    """The first column (the setting) shown on the first row of each run of equal values only."""
+    prev = None
+    for row in rows:
+        prev, row[0] = row[0], ("" if row[0] == prev else row[0])
+    return rows
+
+
+def _bn(bn) -> str:
+    return "—" if bn is None else ("on" if bn else "off")
+
+
+def _short(key: dict) -> str:
+    """'Glorot normal': a setting's name short enough for a compact table's first column."""
+    return ", ".join(PRETTY_INIT.get(v, str(v)).replace("Xavier (Glorot)", "Glorot") if k == "initializer"
+                     else f"{k.replace('_', ' ')} {v}" for k, v in key.items())
+
+
+# -- logged values ---------------------------------------------------------------------------
+
+def _epoch_tag(scalars: pd.DataFrame, runs: list[str], tag: str) -> pd.DataFrame:
+    return scalars[(scalars["run"].isin(runs)) & (scalars["split"] == TRAIN) & (scalars["tag"] == noise_tag(tag))]
 
 
 def final_values(scalars: pd.DataFrame, runs: list[str], tag: str) -> dict[str, float]:
     """run → the last finite value of an epoch-indexed gradient tag."""
-    df = scalars[(scalars["run"].isin(runs)) & (scalars["split"] == TRAIN) & (scalars["tag"] == noise_tag(tag))]
+    df = _epoch_tag(scalars, runs, tag)
     df = df[np.isfinite(df["value"].to_numpy(dtype=float))].sort_values("step")
     return {run: float(g["value"].iloc[-1]) for run, g in df.groupby("run")}
 
 
-def add_section(builder, target_loss: float | None = None) -> None:
-    """Append the "Gradient noise" section to `builder.doc` (both templates)."""
+def final_b_simple(scalars: pd.DataFrame, runs: list[str]) -> dict[str, tuple[float, float, float]]:
+    """run → (B_simple, low, high): the last finite epoch-end B_simple and the 95%
+    interval the trainer logged at the same epoch (NaN where it logged none)."""
+    values = _epoch_tag(scalars, runs, NOISE_EPOCH_B_SIMPLE)
+    values = values[np.isfinite(values["value"].to_numpy(dtype=float))].sort_values("step")
+    bounds = {tag: {(r, s): v for r, s, v in zip(df["run"], df["step"], df["value"].astype(float))}
+              for tag in (NOISE_EPOCH_B_LOW, NOISE_EPOCH_B_HIGH) for df in [_epoch_tag(scalars, runs, tag)]}
+    out = {}
+    for run, g in values.groupby("run"):
+        step, value = g["step"].iloc[-1], float(g["value"].iloc[-1])
+        out[run] = (value, bounds[NOISE_EPOCH_B_LOW].get((run, step), math.nan),
+                    bounds[NOISE_EPOCH_B_HIGH].get((run, step), math.nan))
+    return out
+
+
+def verdict_interval(finals: dict[str, tuple[float, float, float]]) -> tuple[Estimate, crit.Interval]:
+    """The over-seed estimate of B_simple, and the interval a verdict reads: the 95%
+    t-interval over seeds, or with one seed the run's logged interval (if any)."""
+    e = estimate([v for v, _, _ in finals.values()])
+    if e.n >= 2:
+        return e, crit.Interval(e.low, e.high)
+    if e.n == 1:
+        _, low, high = next(iter(finals.values()))
+        return e, crit.Interval(low, high)
+    return e, crit.Interval()
+
+
+# -- the section -------------------------------------------------------------------------------
+
+def add_section(builder, target_loss: float | None = None, *, level: int = 1) -> None:
+    """Append the "Gradient noise" section to `builder.doc` (a subsection at `level` 2)."""
     doc, logs = builder.doc, builder.logs
-    sec = doc.section("Gradient noise")
+    sec = doc.section("Gradient noise", level=level)
     has = logs.scalars["tag"].astype(str).str.startswith(NOISE_PREFIX)
     measured = {run: m.get("gradient_noise") for run, m in logs.manifests.items()
                 if isinstance(m.get("gradient_noise"), dict) and m["gradient_noise"].get("measurements")}
@@ -104,98 +150,414 @@ def add_section(builder, target_loss: float | None = None) -> None:
                       "(the default) to fill this section.")
         return
     settings = next(iter(measured.values()))
+    keys = builder.section_keys()
+    logged = bool(_epoch_tag(logs.scalars, list(logs.runs["run"]), NOISE_EPOCH_B_LOW).shape[0])
     doc.text(sec, (
-        f"With the weights held fixed, every {settings['every']} steps and at each epoch end the trainer took "
+        f"With the weights held fixed, {_schedule(settings)} the trainer took "
         f"the gradients of {settings['batches']} disjoint batches of {settings['small_batch']} training "
         f"examples and their mean (a batch of {settings['big_batch']}), and estimated |G|² and tr(Σ) from "
         f"E|G_B|² = |G|² + tr(Σ)/B (McCandlish et al. 2018, App. A.1). B_simple = tr(Σ)/|G|² is the ratio "
-        f"of their bias-corrected moving averages (β = {settings['beta']}); tr(Σ)/B is the gradient noise at "
-        f"the run's own batch size B; the cosine compares one training-size mini-batch gradient with the "
-        f"large-batch gradient. {len(measured)} of {len(logs.runs)} runs carry these measurements "
-        f"({sum(m['measurements'] for m in measured.values())} in all)."))
-    runs_by_key = []
-    tags = (NOISE_EPOCH_B_SIMPLE, NOISE_EPOCH_AT_BATCH, NOISE_EPOCH_COSINE)
-    for key in builder.section_keys():
-        title = builder.section_title(key) if key else ""
-        rows, data = [], []
+        f"of their bias-corrected moving averages (β = {settings['beta']}): the batch size at which the "
+        f"gradient noise of a step equals the gradient itself. {len(measured)} of {len(logs.runs)} runs "
+        f"carry these measurements ({sum(m['measurements'] for m in measured.values())} in all); the tables "
+        f"use each run's last epoch-end value" + (", with the 95% interval the trainer logged for it" if logged
+                                                 else "") + "."))
+    summary = _summary_table(builder, sec, keys, logged)
+    for key in keys:
+        _b_simple_figure(builder, sec, key)
+    _critical_part(builder, sec, keys, target_loss, summary)
+
+
+def _schedule(settings: dict) -> str:
+    """'every 12800 examples and at each epoch end' (or, in older logs, every N steps)."""
+    if settings.get("every_examples"):
+        return f"every {settings['every_examples']:,} examples of an epoch and at each epoch end"
+    if settings.get("every"):
+        return f"every {settings['every']} steps and at each epoch end"
+    return "at each epoch end"
+
+
+def _cells(builder, keys: list[dict]):
+    for key in keys:
         for bs in builder.batch_sizes:
             for bn in builder.bn_values:
                 where = {**key, **({"batch_size": bs} if bs is not None else {}),
                          **({"batch_norm": bn} if bn is not None else {})}
-                runs = builder.runs_where(where)
-                runs_by_key.append((key, bs, bn, runs))
-                finals = {t: final_values(logs.scalars, runs, t) for t in tags}
-                if not any(finals.values()):
-                    continue
-                cells = [Cell(*_moments(list(finals[t].values())), n=len(finals[t])) for t in tags]
-                label = "—" if bn is None else ("on" if bn else "off")
-                rows.append([str(bs), label] + [fmt(c) for c in cells] + [f"{len(finals[tags[0]])} of {len(runs)}"])
-                data.append({"batch_size": bs, "batch_norm": bn, "runs": len(runs), **{
-                    f"{t.removeprefix('epoch_')}_{k}": v for t, c in zip(tags, cells)
-                    for k, v in cell_record({}, c).items() if k != DIVERGED}})
-        if rows:
-            doc.table(sec, Table(
-                f"gradient_noise_{builder.slug(key)}",
-                f"Gradient noise at the end of training{', ' + title if title else ''} (last epoch's value per "
-                "run; mean ± 95% CI half-width over seeds)",
-                ["Batch", "BN", "B_simple", "tr(Σ)/B", "Cosine", "Runs with a value"], rows, data,
-                compact=True))
-        # B_simple over training, x in examples so that batch sizes share an axis.
-        panels = []
-        for bn in builder.bn_values:
-            series = []
-            for k, bs, b, runs in runs_by_key:
-                if k == key and b == bn and bs is not None:
-                    s = curve(logs.scalars, runs, TRAIN, noise_tag(NOISE_B_SIMPLE), label=f"batch {bs}", x_scale=bs)
-                    if s:
-                        series.append(s)
-            if series:
-                panels.append((series, "examples seen" + ("" if bn is None else f" (BN {'on' if bn else 'off'})"),
-                               "B_simple"))
-        if panels:
-            doc.figure(sec, f"Gradient noise scale B_simple over training{', ' + title if title else ''} "
-                            "(mean over seeds)", panels_figure(panels, cache=builder.figure_cache))
-    target_table(builder, sec, runs_by_key, target_loss)
+                yield key, bs, bn, builder.runs_where(where)
 
 
-def target_table(builder, sec, runs_by_key, target_loss: float | None) -> None:
+def _summary_table(builder, sec, keys: list[dict], logged: bool) -> dict:
+    """The B_simple table, one row per setting × batch size × BN; returns the final
+    values per (key slug, BN): run → (B_simple, low, high), for the B_crit table."""
     doc, logs = builder.doc, builder.logs
-    batch = {run: int((logs.manifests.get(run, {}).get("spec") or {}).get("batch_size") or 1)
-             for run in logs.runs["run"]}
-    finished = set(builder.runs_where({}))
-    complete = {r: b for r, b in batch.items() if r in finished}
-    target = target_loss if target_loss is not None else default_target(logs.scalars, complete)
-    if target is None:
-        return
-    how = ("given with --target-loss" if target_loss is not None else
-           "the highest final training loss among the runs, so every run reaches it")
-    doc.text(sec, (f"Steps and examples to reach a training loss of {target:g} ({how}); a run has reached it "
-                   f"when the mean of its step losses over the last ⌈{WINDOW_EXAMPLES}/B⌉ steps "
-                   f"(about {WINDOW_EXAMPLES} examples) is at or below it."))
-    rows, data = [], []
-    for key, bs, bn, runs in runs_by_key:
-        if not runs or bs is None:
+    rows, data, pooled = [], [], {}
+    counts = {crit.NOISE_DOMINATED: 0, crit.DIMINISHING: 0, crit.NOT_RESOLVED: 0}
+    for key, bs, bn, runs in _cells(builder, keys):
+        finals = final_b_simple(logs.scalars, runs)
+        pooled.setdefault((builder.slug(key), bn), {}).update(finals)
+        if not runs:
             continue
-        steps = [steps_to_target(logs.scalars, r, batch[r], target) for r in runs]
-        hit = [s for s in steps if s is not None]
-        label = builder.section_title(key) if key else ""
-        bn_text = "—" if bn is None else ("on" if bn else "off")
-        if hit:
-            s_cell = Cell(mean=float(np.mean(hit)), std=float(np.std(hit, ddof=1)) if len(hit) > 1 else math.nan,
-                          n=len(hit))
-            step_text = fmt(s_cell, 4)
-            ex_text = f"{s_cell.mean * bs:,.0f}"
-        else:
-            step_text = ex_text = "not reached"
-        missed = len(steps) - len(hit)
-        reached = f"{len(hit)} of {len(steps)}" + (" (the rest never did)" if missed and hit else "")
-        rows.append([label or "All", str(bs), bn_text, step_text, ex_text, reached])
-        data.append({"setting": label, "batch_size": bs, "batch_norm": bn, "target_loss": target,
-                     "steps_mean": float(np.mean(hit)) if hit else None,
-                     "examples_mean": float(np.mean(hit)) * bs if hit else None,
-                     "runs_reached": len(hit), "runs": len(steps)})
-    if rows:
-        doc.table(sec, Table("steps_to_target", f"Steps and examples to a training loss of {target:g} "
-                                                "(mean ± 95% CI half-width over the seeds that reached it)",
-                             ["Setting", "Batch", "BN", "Steps", "Examples", "Runs reaching it"], rows, data,
-                             compact=True))
+        e, ci = verdict_interval(finals)
+        verdict = crit.verdict(ci.low, ci.high, bs) if bs is not None and e.n else "—"
+        if verdict in counts:
+            counts[verdict] += 1
+        row = ([_short(key)] if key else []) + [str(bs), _bn(bn), fmt(e) + (f" (n={e.n})" if e.n > 1 else "")]
+        if logged:
+            row.append("; ".join(f"[{num(lo)}, {num(hi)}]" for _, lo, hi in finals.values()
+                                 if not (math.isnan(lo) and math.isnan(hi))) or "—")
+        rows.append(row + [verdict])
+        data.append({**key, "batch_size": bs, "batch_norm": bn, "runs": len(runs), "b_simple_mean": e.mean,
+                     "b_simple_ci_low": ci.low if e.n > 1 else None, "b_simple_ci_high": ci.high if e.n > 1 else None,
+                     "b_simple_n": e.n, "verdict": verdict,
+                     **({"logged_intervals": "; ".join(f"{r}: [{lo}, {hi}]" for r, (_, lo, hi) in finals.items())}
+                        if logged else {})})
+    if not rows:
+        return pooled
+    cols = (["Setting"] if keys != [{}] else []) + ["Batch", "BN", "B_simple"] + (
+        ["Logged 95% intervals"] if logged else []) + ["Verdict"]
+    table = Table("gradient_noise", "Gradient noise scale B_simple at the end of training (last epoch-end value "
+                  "per run; mean ± 95% CI half-width over seeds" + ("; each run's logged 95% interval" if logged
+                                                                     else "") + ") and what it says at the batch "
+                  "size", cols, rows, data, compact=True)
+    doc.table(sec, table)
+    judged = sum(counts.values())
+    if builder.seeds > 1:
+        source = "the 95% t-interval of B_simple over seeds" + (
+            " (for a setting with one finished seed, the run's logged interval)" if logged else "")
+    else:
+        source = "the 95% interval of B_simple the trainer logged" if logged else ""
+    text = (f"Verdict, from {source or 'an interval of B_simple'} against the batch size B: "
+            f"“{crit.NOISE_DOMINATED}” when the whole interval lies above 2·B, so most of a step's gradient is "
+            f"noise and a larger batch would still cut the steps almost in proportion; “{crit.DIMINISHING}” when "
+            f"it lies below B/2, so the batch already averages most of the noise away and more examples per step "
+            f"buy little; “{crit.NOT_RESOLVED}” otherwise, or without an interval.")
+    if not source:
+        text += (" With one seed per setting and no interval logged with B_simple, there is none, so no verdict "
+                 "is resolved; train more seeds to get one.")
+    elif judged:
+        text += (f" In {doc.ref(table)}: {counts[crit.NOISE_DOMINATED]} of {judged} settings have "
+                 f"{crit.NOISE_DOMINATED}, {counts[crit.DIMINISHING]} {crit.DIMINISHING}, and "
+                 f"{counts[crit.NOT_RESOLVED]} are not resolved.")
+    doc.text(sec, text)
+    return pooled
+
+
+# -- figures --------------------------------------------------------------------------------
+
+def _log_curve(scalars: pd.DataFrame, runs: list[str], tag: str, label: str, x_scale: float) -> Series | None:
+    """The mean of log10 of a positive tag over the runs (a geometric mean) at each step,
+    with its 95% t-band. B_simple is undefined at a measurement whose averaged |G|² is not
+    positive, so a step's mean is over the runs that have a value there; steps where fewer
+    than min(2, runs) have one are left out. `n` is the most runs at any step."""
+    df = scalars[(scalars["run"].isin(runs)) & (scalars["split"] == TRAIN) & (scalars["tag"] == tag)]
+    df = df[np.isfinite(df["value"].to_numpy(dtype=float)) & (df["value"].to_numpy(dtype=float) > 0)]
+    if df.empty:
+        return None
+    wide = np.log10(df.pivot_table(index="step", columns="run", values="value", aggfunc="last"))
+    count = wide.notna().sum(axis=1)
+    wide = wide[count >= min(2, wide.shape[1])]
+    if wide.empty:
+        return None
+    count = wide.notna().sum(axis=1).to_numpy()
+    mean = wide.mean(axis=1).to_numpy(dtype=float)
+    band = None
+    if count.max() > 1:
+        sd = wide.std(axis=1, ddof=1).to_numpy(dtype=float)
+        band = np.array([stats.t.ppf(0.975, k - 1) * d / math.sqrt(k) if k > 1 else 0.0
+                         for k, d in zip(count, sd)])
+    return Series(label, wide.index.to_numpy(dtype=float) * x_scale, mean, band, n=int(count.max()))
+
+
+def _log_ticks(ax, lo: float, hi: float) -> None:
+    """Ticks at 1, 2, 5 × 10^k (or 10^k alone when those are many) of a log10 axis."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter
+
+    decades = range(math.floor(lo), math.ceil(hi) + 1)
+    ticks = [d + math.log10(m) for d in decades for m in (1, 2, 5)]
+    ticks = [t for t in ticks if lo <= t <= hi]
+    if len(ticks) > 8 or len(ticks) < 2:
+        ticks = [t for t in (float(d) for d in decades) if lo <= t <= hi] or ticks
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: num(10 ** y)))
+
+
+def _b_simple_figure(builder, sec, key: dict) -> None:
+    logs = builder.logs
+    panels = []
+    for bn in builder.bn_values:
+        series = []
+        for bs in builder.batch_sizes:
+            if bs is None:
+                continue
+            where = {**key, "batch_size": bs, **({"batch_norm": bn} if bn is not None else {})}
+            s = _log_curve(logs.scalars, builder.runs_where(where), noise_tag(NOISE_B_SIMPLE), f"batch {bs}", bs)
+            if s:
+                series.append(s)
+        if series:
+            panels.append((series, "examples seen" + ("" if bn is None else f" (BN {_bn(bn)})"), "B_simple"))
+    if not panels:
+        return
+    size = (6.0, 2.4) if len(panels) == 1 else (7.0, 2.5)
+
+    def draw():
+        fig = draw_figure(panels, size=size)
+        for ax, (series, _, _) in zip(fig.axes, panels):
+            lo, hi = _log_limits(series)
+            ax.set_ylim(lo, hi)
+            _log_ticks(ax, lo, hi)
+        return figure_svg(fig)
+
+    svg = (builder.figure_cache or FigureCache(None)).get_or_draw(
+        panels, {"kind": "b_simple", "code": _CODE, "size": list(size)}, draw)
+    title = f", {builder.section_title(key)}" if key else ""
+    n = max(s.n for series, _, _ in panels for s in series)
+    cut = any(_log_limits(series, cut=True) for series, _, _ in panels)
+    builder.doc.figure(sec, f"Gradient noise scale B_simple over training{title}, against examples seen (steps × "
+                            f"batch size), log scale: the geometric mean over seeds" + (
+                                "; band: 95% t-interval of the mean of log B_simple over seeds; where a seed has "
+                                "no B_simple (its averaged |G|² not positive) the mean is over those that have one"
+                                if n > 1 else "") + (
+                                f"; bands reaching more than {BAND_REACH:g} decade beyond the lines are cut at "
+                                "the axes" if cut else ""), svg)
+
+
+BAND_REACH = 0.5  # decades of log10 B_simple that a band may add to the lines' range
+
+
+def _log_limits(series, *, cut: bool = False):
+    """y-limits (log10) of a B_simple panel: the lines' range, widened by the bands up to
+    BAND_REACH decades each way, padded 5%; with `cut`, whether some band was cut."""
+    means = np.concatenate([s.mean for s in series])
+    means = means[np.isfinite(means)]
+    edges = np.concatenate([means] + [np.concatenate([s.mean - s.band, s.mean + s.band]) for s in series
+                                      if s.band is not None])
+    edges = edges[np.isfinite(edges)]
+    lo = max(float(edges.min()), float(means.min()) - BAND_REACH)
+    hi = min(float(edges.max()), float(means.max()) + BAND_REACH)
+    if cut:
+        return bool(edges.min() < lo or edges.max() > hi)
+    pad = 0.05 * (hi - lo) if hi > lo else 0.1
+    return lo - pad, hi + pad
+
+
+def _pareto_figure(builder, sec, keys: list[dict], fits: dict, targets: list[float]) -> None:
+    """Steps against examples per target (log-log): each batch size's mean with its 95%
+    t-interval over seeds, the fitted S = S_min + E_min/B, and (2·E_min, 2·S_min)."""
+    grid = [(key, bn) for key in keys for bn in builder.bn_values]
+    if not any(fits.get((builder.slug(k), bn, t)) and fits[builder.slug(k), bn, t].fitted
+               for k, bn in grid for t in targets):
+        return
+    rows, cols = len(keys), len(builder.bn_values)
+    size = (7.0, 0.5 + 1.8 * rows)
+    payload = []
+    for key, bn in grid:
+        for t in targets:
+            c = fits.get((builder.slug(key), bn, t))
+            if c is None:
+                continue
+            payload.append([_short(key), str(bn), t, c.batch, [c.examples[b].mean for b in c.batch],
+                            [c.steps[b].mean for b in c.batch], [c.steps[b].half for b in c.batch],
+                            c.s_min, c.e_min])
+
+    def draw():
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        fig = Figure(figsize=size)
+        axes = fig.subplots(rows, cols, squeeze=False)
+        for (key, bn), ax in zip(grid, axes.flat):
+            for i, t in enumerate(targets):
+                c = fits.get((builder.slug(key), bn, t))
+                if c is None or not c.batch:
+                    continue
+                look = style(i)
+                e = np.array([c.examples[b].mean for b in c.batch])
+                s = np.array([c.steps[b].mean for b in c.batch])
+                half = np.array([c.steps[b].half for b in c.batch])
+                err = None if np.isnan(half).all() else np.nan_to_num(half)
+                ax.errorbar(e, s, yerr=err, xerr=None if err is None else err * np.array(c.batch),
+                            color=look["color"], marker=look["marker"], ms=3.5, lw=0, elinewidth=0.8,
+                            capsize=1.5, label=f"loss {t:g}", zorder=3)
+                if c.fitted:
+                    fe, fs = crit.pareto_curve(c)
+                    ax.plot(fe, fs, color=look["color"], linestyle=look["linestyle"], lw=1.0, zorder=2)
+                    if 0 < c.b_crit < math.inf:
+                        ax.plot([2 * c.e_min], [2 * c.s_min], marker="x", color=COLOURS[6], ms=5, lw=0,
+                                zorder=4, label="(2·E_min, 2·S_min)" if i == 0 else None)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                axis.set_major_formatter(FuncFormatter(lambda v, _: num(v)))
+                axis.set_minor_formatter(NullFormatter())
+            ax.set_title(", ".join(p for p in (_short(key), None if bn is None else f"BN {_bn(bn)}") if p),
+                         fontsize=8)
+            ax.set_xlabel("examples E to the target")
+            ax.set_ylabel("steps S")
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        top = 1.0
+        if handles:
+            fig.legend(handles, labels, loc="upper center", ncol=len(handles), fontsize=7, frameon=False)
+            top = 1 - 0.3 / size[1]
+        fig.tight_layout(rect=(0, 0, 1, top))
+        return figure_svg(fig)
+
+    svg = (builder.figure_cache or FigureCache(None)).get_or_draw(
+        [], {"kind": "pareto", "code": _CODE, "size": list(size), "data": payload}, draw)
+    builder.doc.figure(sec, "Steps against examples to each target training loss (log-log): one point per batch "
+                            "size (smallest batch top left), mean over seeds with its 95% t-interval; lines: the "
+                            "fitted S = S_min + E_min/B; ×: (2·E_min, 2·S_min), where the batch size is B_crit",
+                       svg)
+
+
+# -- the critical batch size -----------------------------------------------------------------
+
+def _targets(builder, target_loss: float | None) -> tuple[list[float], str]:
+    logs = builder.logs
+    if target_loss is not None:
+        return [float(target_loss)], f"the training loss {target_loss:g}, given with --target-loss"
+    finished = builder.runs_where({})
+    batch = dict(zip(logs.runs["run"], logs.runs["batch_size"])) if "batch_size" in logs.runs else {}
+    span = crit.loss_range(logs.scalars, {r: int(batch[r]) for r in finished if r in batch})
+    if span is None:
+        return [], ""
+    lowest, first = span
+    targets = crit.target_levels(lowest, ceiling=first)
+    capped = first < lowest * crit.TARGET_SPAN
+    if len(targets) == 1:
+        how = (f"the training loss {targets[0]:g}: the highest final windowed training loss among the finished "
+               f"runs, rounded up, so every run reaches it")
+    else:
+        how = (f"the training losses {', '.join(f'{t:g}' for t in targets)}: {len(targets)} levels evenly spaced "
+               f"in log loss from the highest final windowed training loss among the finished runs ({targets[0]:g}, "
+               f"rounded up, so every run reaches each level) up to "
+               + (f"the lowest first-step loss among the runs ({first:.3g}), so that no run starts at or below a "
+                  f"level" if capped else
+                  f"{crit.TARGET_SPAN:g} times it"))
+    return targets, how
+
+
+def _critical_part(builder, sec, keys: list[dict], target_loss: float | None, pooled: dict) -> None:
+    doc, logs = builder.doc, builder.logs
+    if "batch_size" not in logs.runs:
+        return
+    targets, how = _targets(builder, target_loss)
+    if not targets:
+        return
+    batch = dict(zip(logs.runs["run"], logs.runs["batch_size"].astype(int)))
+    cells = [(key, bs, bn, runs) for key, bs, bn, runs in _cells(builder, keys) if runs and bs is not None]
+    reach = crit.reach_table(logs.scalars, {r: batch[r] for _, _, _, runs in cells for r in runs}, targets)
+    by = {(run, t): s for run, t, s in zip(reach["run"], reach["target"], reach["steps"])}
+    doc.text(sec, (
+        f"Critical batch size from the training curves, at {how}. A run has reached a loss when the mean of its "
+        f"step losses over the last ⌈{WINDOW_EXAMPLES}/B⌉ steps (about {WINDOW_EXAMPLES:,} examples) is at or "
+        f"below it; S is the step at which it first is, E = S·B the examples seen by then. (The trailing window "
+        f"reaches a level about half a window after the curve does, so each E carries roughly "
+        f"{WINDOW_EXAMPLES // 2:,} examples of lag, which E_min absorbs.) For each target and setting, "
+        f"S = S_min + E_min/B (McCandlish et al. 2018, eq. 2.11; equivalently S/S_min − 1 = (E/E_min − 1)⁻¹) is "
+        f"fitted to the batch sizes' mean steps by least squares on relative residuals, when at least "
+        f"{crit.MIN_BATCHES} batch sizes reached the target; B_crit = E_min/S_min is the batch size at which "
+        f"training takes twice the fewest possible steps and twice the fewest possible examples. Intervals of the "
+        f"fit: 95% percentile bootstrap, {crit.RESAMPLES} resamples of the seeds within each batch size. The "
+        f"model-free check (Zhang et al. 2025): the batch size at which the steps exceed perfect linear scaling "
+        f"from the smallest batch B0, S(B0)·B0/B, by {crit.OVERHEAD:.0%}, interpolated in log2 B "
+        f"(“> B_max” when no batch size of the grid does); if the fit holds it is 1.2·B0 + 0.2·B_crit."))
+    # Steps to each target, per cell.
+    rows, data, fits = [], [], {}
+    per_fit: dict[tuple, dict[int, list[float]]] = {}
+    for key, bs, bn, runs in cells:
+        row = ([_short(key)] if key else []) + [str(bs), _bn(bn)]
+        for t in targets:
+            steps = [by[r, t] for r in runs]
+            hit = [s for s in steps if math.isfinite(s)]
+            per_fit.setdefault((builder.slug(key), bn, t), {})[bs] = hit
+            s_est, e_est = estimate(hit), estimate([s * bs for s in hit])
+            text = fmt(s_est) if hit else "not reached"
+            if hit and len(hit) < len(steps):
+                text += f" ({len(hit)} of {len(steps)})"
+            row.append(text)
+            data.append({**key, "batch_size": bs, "batch_norm": bn, "target_loss": t, "runs": len(steps),
+                         "runs_reached": len(hit), "steps_mean": s_est.mean if hit else None,
+                         "steps_ci_low": s_est.low if s_est.n > 1 else None,
+                         "steps_ci_high": s_est.high if s_est.n > 1 else None,
+                         "examples_mean": e_est.mean if hit else None,
+                         "examples_ci_low": e_est.low if e_est.n > 1 else None,
+                         "examples_ci_high": e_est.high if e_est.n > 1 else None})
+        rows.append(row)
+    cols = (["Setting"] if keys != [{}] else []) + ["Batch", "BN"] + [f"S to {t:g}" for t in targets]
+    doc.table(sec, Table("steps_to_target", "Steps S to each target training loss (mean ± 95% CI half-width over "
+                         "the seeds that reached it; the CSV also gives the examples E = S·B)", cols, rows, data,
+                         compact=True))
+    for k, per_batch in per_fit.items():
+        fits[k] = crit.critical(per_batch, k[2])
+    _pareto_figure(builder, sec, keys, fits, targets)
+    _critical_table(builder, sec, keys, targets, fits, pooled)
+
+
+def _critical_table(builder, sec, keys, targets, fits: dict, pooled: dict) -> None:
+    doc = builder.doc
+    rows, data, compared = [], [], {"above": 0, "below": 0, "overlap": 0}
+    short = []
+    for key in keys:
+        for bn in builder.bn_values:
+            finals = pooled.get((builder.slug(key), bn), {})
+            b_simple = estimate([v for v, _, _ in finals.values()])
+            for t in targets:
+                c = fits.get((builder.slug(key), bn, t))
+                if c is None:
+                    continue
+                if not c.fitted:
+                    short.append(len(c.batch))
+                    continue
+                top = max(c.batch)
+                rows.append(([_short(key)] if key else []) + [_bn(bn), f"{t:g}", bracket(c.s_min, c.s_min_ci),
+                             bracket(c.e_min, c.e_min_ci), bracket(c.b_crit, c.b_crit_ci),
+                             bracket(c.zhang, c.zhang_ci, beyond=top), fmt(b_simple)])
+                data.append({**key, "batch_norm": bn, "target_loss": t, "batch_sizes": len(c.batch),
+                             "s_min": c.s_min, "s_min_low": c.s_min_ci.low, "s_min_high": c.s_min_ci.high,
+                             "e_min": c.e_min, "e_min_low": c.e_min_ci.low, "e_min_high": c.e_min_ci.high,
+                             "b_crit": c.b_crit, "b_crit_low": c.b_crit_ci.low, "b_crit_high": c.b_crit_ci.high,
+                             "zhang_batch": c.zhang, "zhang_low": c.zhang_ci.low, "zhang_high": c.zhang_ci.high,
+                             "resamples": c.resamples, "b_simple_mean": b_simple.mean, "b_simple_n": b_simple.n,
+                             "b_simple_ci_low": b_simple.low if b_simple.n > 1 else None,
+                             "b_simple_ci_high": b_simple.high if b_simple.n > 1 else None})
+                if c.b_crit_ci.defined and b_simple.n > 1:
+                    side = ("above" if b_simple.low > c.b_crit_ci.high else
+                            "below" if b_simple.high < c.b_crit_ci.low else "overlap")
+                    compared[side] += 1
+    if short and not rows:
+        doc.text(sec, f"No critical batch size: the fit needs at least {crit.MIN_BATCHES} batch sizes whose runs "
+                      f"reached the target, and these logs have {max(short)}.")
+        return
+    if not rows:
+        return
+    rows = _grouped(rows) if keys != [{}] else rows  # 8 columns: the setting only where it changes
+    cols = (["Setting"] if keys != [{}] else []) + ["BN", "Target", "S_min", "E_min", "B_crit",
+                                                     f"{crit.OVERHEAD:.0%} batch (Zhang)", "B_simple (final)"]
+    table = Table("critical_batch", f"The fit S = S_min + E_min/B per target loss and setting, B_crit = E_min/S_min "
+                  f"and the batch size at which steps exceed linear scaling by {crit.OVERHEAD:.0%} (value [95% "
+                  f"bootstrap interval over seeds]; “> B”: beyond the largest batch), beside the final B_simple of "
+                  f"the setting's runs at every batch size (mean ± 95% CI half-width over those runs; n in the CSV)", cols, rows, data,
+                  compact=True)
+    doc.table(sec, table)
+    if len(targets) > 1:
+        low_t, high_t = min(targets), max(targets)
+        trend = {"above": 0, "below": 0, "overlap": 0}
+        for key in keys:
+            for bn in builder.bn_values:
+                a, b = fits.get((builder.slug(key), bn, low_t)), fits.get((builder.slug(key), bn, high_t))
+                if a and b and a.fitted and b.fitted and a.b_crit_ci.defined and b.b_crit_ci.defined:
+                    trend["above" if a.b_crit_ci.low > b.b_crit_ci.high else
+                          "below" if a.b_crit_ci.high < b.b_crit_ci.low else "overlap"] += 1
+        m = sum(trend.values())
+        if m:
+            doc.text(sec, (f"B_crit at the lowest target ({low_t:g}) lies above its value at the highest "
+                           f"({high_t:g}) in {trend['above']} of {m} settings, below it in {trend['below']}, and "
+                           f"the two bootstrap intervals overlap in {trend['overlap']}."))
+    n = sum(compared.values())
+    if n:
+        doc.text(sec, (f"In {doc.ref(table)}, the interval of the final B_simple lies above B_crit's bootstrap "
+                       f"interval in {compared['above']} of {n} rows, below it in {compared['below']}, and overlaps "
+                       f"it in {compared['overlap']}. The final B_simple is measured at the end of training, at "
+                       f"lower losses than the targets; McCandlish et al. find the noise scale grows as the loss "
+                       f"falls."))

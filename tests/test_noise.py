@@ -203,43 +203,62 @@ def test_report_without_measurements_says_so(fixture_logs, tmp_path):
 def test_report_gradient_section_holds_the_logged_numbers(smoke, tmp_path):
     import pandas as pd
 
+    from report import critical
     from report.cli import main
     from report.gradient import steps_to_target
     from report.load import load_logs
 
     code, exp_dir, exp = smoke
+    assert code == 0
     out = tmp_path / "out"
-    assert main(["--logdir", str(exp_dir), "--out", str(out), "--target-loss", "2.2", "--template", "task"]) == 0
+    assert main(["--logdir", str(exp_dir), "--out", str(out), "--template", "task"]) == 0
     html = (out / "report.html").read_text()
     assert "Gradient noise" in html and "B_simple over training" in html
     logs = load_logs(exp_dir)
     s = logs.scalars
-    # Every table value is a logged value: the last epoch's cosine of each cell (one seed each).
-    tables = sorted((out / "tables").glob("*_gradient_noise_*.csv"))
-    assert len(tables) == len({r.initializer for r in exp.runs})  # one per initializer; batch × BN rows
-    for csv in tables:
-        df = pd.read_csv(csv)
-        assert len(df) == len(exp.runs) // len(tables)
-        for row in df.itertuples():
-            runs = [exp.run_name(r) for r in exp.runs if r.batch_norm == row.batch_norm
-                    and r.batch_size == row.batch_size and csv.stem.endswith(r.initializer)]
-            (run,) = runs
-            logged = s[(s["run"] == run) & (s["tag"] == PREFIX + "epoch_cosine")]["value"].iloc[0]
-            assert row.cosine_mean == pytest.approx(logged)
-    # Steps to the target: what the windowed step losses give, per run; unreached ones say so.
+    runs = {(r.initializer, r.batch_size, r.batch_norm): exp.run_name(r) for r in exp.runs}  # one seed each
+
+    def logged(run, tag):
+        df = s[(s["run"] == run) & (s["tag"] == PREFIX + tag)].sort_values("step")
+        return df[np.isfinite(df["value"])]
+
+    # One summary table, a row per initializer × batch × BN: the run's last logged B_simple
+    # and the verdict its logged interval gives (none logged: not resolved).
+    (summary_csv,) = (out / "tables").glob("*_gradient_noise.csv")
+    summary = pd.read_csv(summary_csv)
+    assert len(summary) == len(exp.runs)
+    for row in summary.itertuples():
+        run = runs[row.initializer, row.batch_size, row.batch_norm]
+        values = logged(run, "epoch_b_simple")
+        if values.empty:
+            assert math.isnan(row.b_simple_mean) and row.verdict == "—"
+            continue
+        assert row.b_simple_mean == pytest.approx(values["value"].iloc[-1]) and row.b_simple_n == 1
+        step = values["step"].iloc[-1]
+        bounds = [logged(run, t) for t in ("epoch_b_simple_low", "epoch_b_simple_high")]
+        low, high = (float(b[b["step"] == step]["value"].iloc[0]) if (b["step"] == step).any() else math.nan
+                     for b in bounds)
+        assert row.verdict == critical.verdict(low, high, row.batch_size)
+    # Steps to each target (the default levels): the windowed first reach of each run.
     (target_csv,) = (out / "tables").glob("*_steps_to_target.csv")
     df = pd.read_csv(target_csv)
-    assert (df["target_loss"] == 2.2).all() and len(df) == len(exp.runs)
+    finals = {exp.run_name(r): r.batch_size for r in exp.runs}
+    highest_final, lowest_first = critical.loss_range(s, finals)
+    levels = critical.target_levels(highest_final, ceiling=lowest_first)
+    assert sorted(df["target_loss"].unique()) == levels and len(df) == len(exp.runs) * len(levels)
     for row in df.itertuples():
-        (spec,) = [r for r in exp.runs if r.batch_size == row.batch_size and r.batch_norm == row.batch_norm
-                   and (r.initializer == "he_normal") == row.setting.startswith("He")]
-        steps = steps_to_target(s, exp.run_name(spec), spec.batch_size, 2.2)
-        assert row.runs_reached == (steps is not None)
-        if steps is not None:
-            assert row.steps_mean == steps and row.examples_mean == steps * spec.batch_size
+        run = runs[row.initializer, row.batch_size, row.batch_norm]
+        steps = steps_to_target(s, run, row.batch_size, row.target_loss)
+        assert steps is not None and row.runs_reached == 1  # every level is reached by construction
+        assert row.steps_mean == steps and row.examples_mean == steps * row.batch_size
+    # Two batch sizes: too few to fit S = S_min + E_min/B, and the report says so.
+    assert not list((out / "tables").glob("*_critical_batch.csv"))
+    assert "No critical batch size: the fit needs at least 3 batch sizes" in html
     assert main(["--logdir", str(exp_dir), "--out", str(tmp_path / "none"), "--target-loss", "1e-9",
                  "--format", "html"]) == 0
     assert "not reached" in (tmp_path / "none" / "report.html").read_text()
+    (given,) = (tmp_path / "none" / "tables").glob("*_steps_to_target.csv")
+    assert (pd.read_csv(given)["target_loss"] == 1e-9).all()
 
 
 def test_bad_target_loss_is_refused(fixture_logs, tmp_path, capsys):
