@@ -31,8 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--student-id", help="the title block's ID (default: the experiment file's)")
     p.add_argument("--date", help="the title block's date (default: the experiment file's, else today)")
     p.add_argument("--target-loss", type=float,
-                   help="training loss for the steps-to-target table (default: the highest final "
-                        "training loss among the runs)")
+                   help="one training loss for the Gradient noise section's steps-to-target and critical-batch "
+                        "tables (default: 4 levels from the highest final windowed training loss up to 1.5× it)")
     p.add_argument("--cache", type=Path,
                    help="parse cache folder (default: OUT/.cache); only changed event files are reparsed")
     p.add_argument("--no-cache", action="store_true", help="parse every event file again, keep no cache")

@@ -80,6 +80,7 @@ def task(b: Builder) -> Document:
     overlay = [s for w in cells for s in b.curves(w, VALIDATION, EPOCH_LOSS, "batch_size", [None],
                                                    lambda _, w=w: _title(w).lower(), x_offset=1)]
     b.figure(sub, "Validation loss by batch size", [(overlay, "epoch", "validation loss")])
+    gradient.add_section(b, b.target_loss, level=2)
     sec = b.doc.section("Short Analysis")
     slopes = _slopes(b, cells)
     table = _summary_table(b, sec, cells, slopes)
@@ -91,7 +92,6 @@ def task(b: Builder) -> Document:
     b.doc.bullets(sec, bullets)
     sec = b.doc.section("Key Takeaway")
     b.doc.text(sec, _takeaway(b))
-    gradient.add_section(b, b.target_loss)
     b.data_problems()
     b.provenance()
     b.fill_findings(findings)
@@ -123,13 +123,13 @@ def results(b: Builder) -> Document:
         series = [s for w in cells for s in b.curves(w, split, tag, "batch_size", [None],
                                                        lambda _, w=w: _title(w).lower(), x_offset=1)]
         b.figure(sec, f"{ylabel[:1].upper() + ylabel[1:]} by batch size", [(series, "epoch", ylabel)])
+    gradient.add_section(b, b.target_loss, level=2)
     sec = b.doc.section("Short Analysis")
     bullets = []
     for (slug, col), c in slopes.items():
         b.finding(c, table, f"Batch size (slope), {col.replace('_', ' ')}", _titles(b).get(slug, ""))
         bullets.append(analysis.slope_sentence(c))
     b.doc.bullets(sec, bullets)
-    gradient.add_section(b, b.target_loss)
     b.data_problems()
     b.provenance()
     b.fill_findings(findings)
