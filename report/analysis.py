@@ -45,10 +45,11 @@ def diff_cell(c: Comparison | None) -> str:
     """The table cell of a comparison: signed value, interval, Holm-adjusted p."""
     if c is None:
         return "—"
-    unit = " per doubling" if c.kind == "slope" else ""
+    # Short enough to stay on one line in a four-column table: rows and captions say what
+    # the difference is (with − without, per doubling) and that p is Holm-adjusted.
     if not c.tested:
-        return f"{signed(c.diff)}{unit} (n={c.n}, no interval)"
-    return f"{signed(c.diff)}{unit} [{signed(c.low)}, {signed(c.high)}], p_Holm {p_text(c.p_adj)}"
+        return f"{signed(c.diff)} (n={c.n}, no interval)"
+    return f"{signed(c.diff)} [{signed(c.low)}, {signed(c.high)}] p={p_text(c.p_adj)}"
 
 
 def _units(c: Comparison) -> str:

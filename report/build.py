@@ -190,7 +190,7 @@ class Builder:
         from report.figures import panels_figure
 
         svg = panels_figure(panels, smoothing=smoothing, cache=self.figure_cache,
-                            size=size or ((6.0, 2.4) if len(panels) == 1 else (7.0, 2.5)))
+                            size=size or ((6.0, 2.3) if len(panels) == 1 else (7.0, 2.2)))
         self.doc.figure(sec, caption, svg, smoothed=smoothed)
 
     def curves(self, where: dict, split: str, tag: str, by: str, values: list, label, x_offset: float = 0.0,
@@ -371,7 +371,7 @@ class Builder:
             rows.append([label, c.text()])
             data.append(cell_record({"setting": label}, c))
         if diff is not None:
-            rows.append(["With − without (paired)", analysis.diff_cell(diff)])
+            rows.append(["With − without (paired) [95% CI] p_Holm", analysis.diff_cell(diff)])
             data.append({"setting": "with - without", **_cmp_csv(diff)})
         return Table(key, f"{title} ({self.summary_text}; mean ± 95% CI half-width over seeds)", ["Loss", "Loss Value"],
                      rows, data)

@@ -285,3 +285,80 @@ def _toml(source: str, raw: str) -> dict[str, dict[str, Any]]:
     if not table:
         raise FactorsError(f"--factors {source} names no run; write [runs.\"<run>\"] tables")
     return table
+
+
+# -- placing a run -----------------------------------------------------------------------------
+
+def from_hparams(hparams: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(run fields, hparams that are no run field, why not) from logged hparams."""
+    fields, other = {}, {}
+    for name, raw in hparams.items():
+        f = field_name(name)
+        if f is None:
+            other[name] = raw
+            continue
+        try:
+            fields[f] = to_value(f, raw)
+        except ValueError as exc:
+            return {}, other, f"its hparams give {exc}"
+    return fields, other, ""
+
+
+def place(run: str, hparams: dict[str, Any] | None, source: FactorSource | None) -> tuple[dict | None, dict, str]:
+    """(the run's fields, hparams that are no run field, "") or (None, {}, why not and the
+    fix): hparams first, then --factors for the fields they lack; never a guess."""
+    fields, other, why = from_hparams(hparams or {})
+    if why:
+        return None, {}, f"{why}, run excluded"
+    given, reason = source.lookup(run) if source else ({}, "")
+    if given is None and not fields:
+        return None, {}, f"no hparams and {reason}; {fix(run)}, run excluded"
+    for name, value in (given or {}).items():
+        if name in fields and fields[name] != value:
+            return None, {}, (f"its hparams say {name} {fields[name]!r}, --factors says {value!r}; correct one of "
+                              "them, run excluded")
+        fields[name] = value
+    if not fields:
+        if source is None:
+            return None, {}, f"no hparams and no --factors; {fix(run)}, run excluded"
+        return None, {}, f"no hparams and {reason or '--factors gives it no field'}; {fix(run)}, run excluded"
+    return fields, other, ""
+
+
+def fix(run: str) -> str:
+    """'give --factors "{initializer}_bs{batch_size}" or a CSV run,initializer,batch_size'."""
+    pattern = suggest(run.rsplit("/", 1)[-1])
+    fields = [f for f in re.findall(r"\{(\w+)\}", pattern) if f != IGNORED]
+    return f"give --factors \"{pattern}\" or a CSV run,{','.join(fields)} (--factors runs.csv)"
+
+
+def suggest(name: str) -> str:
+    """A pattern for a run name, from the words it uses ("xavier_bs64_bn" →
+    "{initializer}_bs{batch_size}_{batch_norm}"); only ever shown, never applied."""
+    known = set(INITIALIZER_ALIASES) | set(INITIALIZER_ALIASES.values())
+    tokens = re.split(r"([_\-])", name)
+    out, used, i = [], set(), 0
+    while i < len(tokens):
+        t = tokens[i].lower()
+        if i + 2 < len(tokens) and f"{t}_{tokens[i + 2].lower()}" in known and "initializer" not in used:
+            out.append("{initializer}"), used.add("initializer")
+            i += 3
+            continue
+        m = re.fullmatch(r"(bs|batch|b)(\d+)|(lr)([\d.e-]+)|(s|seed)(\d+)|(ep|epochs?|e)(\d+)", t)
+        if t in known and "initializer" not in used:
+            out.append("{initializer}"), used.add("initializer")
+        elif re.sub(r"[-_]", "", t) in BN_ON + BN_OFF and not t.isdigit() and "batch_norm" not in used:
+            out.append("{batch_norm}"), used.add("batch_norm")
+        elif m and m.group(1) and "batch_size" not in used:
+            out.append(tokens[i][:len(m.group(1))] + "{batch_size}"), used.add("batch_size")
+        elif m and m.group(3) and "learning_rate" not in used:
+            out.append(tokens[i][:2] + "{learning_rate}"), used.add("learning_rate")
+        elif m and m.group(5) and "seed" not in used:
+            out.append(tokens[i][:len(m.group(5))] + "{seed}"), used.add("seed")
+        elif m and m.group(7) and "epochs" not in used:
+            out.append(tokens[i][:len(m.group(7))] + "{epochs}"), used.add("epochs")
+        else:
+            out.append(tokens[i])
+        i += 1
+    pattern = "".join(out)
+    return pattern if used else "{initializer}_bs{batch_size}"

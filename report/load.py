@@ -2,7 +2,10 @@
 
 Scalars come from tbparse in long format (run, split, tag, step, value); each run's
 factors come from the `RunSpec` in its `run.json` (or, failing that, its logged hparams),
-read back through `contract.spec`, never from its directory name.
+read back through `contract.spec`, never from its directory name. Folders without a
+run.json that the grid does not name are runs written by others (Keras' TensorBoard
+callback, tf.summary by hand, SummaryWriter): report.others reads them, their factors
+from their hparams or the --factors the user gives.
 """
 from __future__ import annotations
 
@@ -15,10 +18,11 @@ import pandas as pd
 
 from contract.files import read_json_dict
 from contract.layout import (COMPLETE, EPOCH_LOSS, EVENT_FILE_GLOB, EXPERIMENT_MANIFEST, FINISHED, RUN_MANIFEST,
-                             SPLITS, STEP_LOSS, TRAIN)
+                             SPLITS, STEP_LOSS, TEMPLATES, TRAIN)
 from contract.spec import RunSpec, SpecError
 from contract.stderr import quietly
 from report.cache import ParseCache
+from report.foreign import is_run
 
 # The experiment files that come with the project (read for messages only).
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "experiments"
@@ -67,15 +71,21 @@ def load_logs(logdir: Path, *, cache_dir: Path | None = None, verbose: bool = Fa
     experiment = read_json_dict(logdir / EXPERIMENT_MANIFEST) or {}
     problems: list[str] = []
     cache = ParseCache(cache_dir)
-    scalars, damaged = read_event_files(logdir, problems, cache, verbose=verbose)
     run_dirs = sorted(p for p in logdir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    # Our trainer's runs: a run.json (written before anything else), or named in the grid.
+    planned = set(experiment.get("runs") or [])
+    ours = [d for d in run_dirs if (d / RUN_MANIFEST).exists() or d.name in planned]
+    others = [d for d in run_dirs if d not in ours]
+    if not ours and not experiment and is_run(logdir):
+        others = [logdir]  # --logdir names one run written by others
+    scalars, damaged = read_event_files(logdir, problems, cache, verbose=verbose, runs={d.name for d in ours})
     if not run_dirs:
         raise LogsError(f"no run folders under {logdir} — {train_hint(logdir)}")
 
     rows, manifests, specs, unfinished = [], {}, {}, {}
     hparams: dict[str, dict] | None = None  # parsed only if some run lacks run.json
     by_run = {run: group for run, group in scalars.groupby("run", observed=True, sort=False)}
-    for run_dir in run_dirs:
+    for run_dir in ours:
         run = run_dir.name
         manifest = read_json_dict(run_dir / RUN_MANIFEST)
         if manifest is None and (run_dir / RUN_MANIFEST).exists():
@@ -116,9 +126,25 @@ def load_logs(logdir: Path, *, cache_dir: Path | None = None, verbose: bool = Fa
         rows.append({"run": run, "status": status, **spec.row(),
                      "steps": (manifest or {}).get("steps"),
                      "wall_seconds": (manifest or {}).get("wall_seconds")})
+    points, template_hint = len(scalars), None
+    if others:
+        from report.others import read_others
+
+        theirs = read_others(logdir, others, cache, factor_source, problems, taken=set(specs.values()),
+                             verbose=verbose)
+        for run, (spec, frame, row) in theirs.items():
+            manifests[run], specs[run] = ({"steps": row["steps"]} if row["steps"] else {}), spec
+            rows.append({"run": run, **row})
+        points += theirs.points
+        if theirs:
+            scalars = _concat(scalars, [frame.assign(run=run) for run, (_, frame, _) in theirs.items()])
+    cache.prune()
     runs = pd.DataFrame(rows)
     if runs.empty:
         raise LogsError(f"no finished run with readable logs under {logdir}:\n  " + "\n  ".join(problems))
+    if others and len(runs) > len(ours) and not (experiment.get("experiment") or {}).get("template"):
+        varies = [f for f in ("batch_norm", "initializer") if runs[f].nunique() > 1]
+        template_hint = TEMPLATES[0] if varies else TEMPLATES[1]
     usable = scalars[scalars["run"].isin(runs["run"])].reset_index(drop=True)
     expected = experiment.get("runs") or []
     for run in expected:
@@ -127,8 +153,8 @@ def load_logs(logdir: Path, *, cache_dir: Path | None = None, verbose: bool = Fa
             if run not in unfinished and not (logdir / run / RUN_MANIFEST).is_file():
                 unfinished[run] = "missing"
     return Logs(logdir=logdir, experiment=experiment, runs=runs, specs=specs, scalars=usable,
-                manifests=manifests, problems=problems, unfinished=unfinished, points_read=len(scalars),
-                digest=digest(logdir), cache_hits=cache.hits, cache_misses=cache.misses)
+                manifests=manifests, problems=problems, unfinished=unfinished, points_read=points,
+                digest=digest(logdir), cache_hits=cache.hits, cache_misses=cache.misses, template_hint=template_hint)
 
 
 def train_hint(logdir: Path) -> str:
@@ -145,7 +171,7 @@ def train_hint(logdir: Path) -> str:
 
 
 def read_event_files(logdir: Path, problems: list[str], cache: ParseCache | None = None, *,
-                     verbose: bool = False) -> tuple[pd.DataFrame, set[str]]:
+                     verbose: bool = False, runs: set[str] | None = None) -> tuple[pd.DataFrame, set[str]]:
     """Every scalar point under `logdir` as (run, split, tag, step, value), and the runs
     with an event file that is empty, truncated or corrupt (each named in `problems`).
 
@@ -158,8 +184,8 @@ def read_event_files(logdir: Path, problems: list[str], cache: ParseCache | None
     frames, damaged, tensorflow_loaded = [], set(), False
     for path in sorted(logdir.glob(f"*/*/{EVENT_FILE_GLOB}")):
         run, split = path.parent.parent.name, path.parent.name
-        if run.startswith(".") or split not in SPLITS:
-            continue
+        if run.startswith(".") or split not in SPLITS or (runs is not None and run not in runs):
+            continue  # runs written by others are read by report.others
         relpath = str(path.relative_to(logdir))
         cached = cache.get(path, relpath)
         if cached is None:
@@ -178,9 +204,15 @@ def read_event_files(logdir: Path, problems: list[str], cache: ParseCache | None
             continue
         if not df.empty:
             frames.append(df.assign(run=run, split=split))
-    cache.prune()
     if not frames:
         return pd.DataFrame(columns=SCALAR_COLUMNS), damaged
+    return _concat(None, frames), damaged
+
+
+def _concat(first: pd.DataFrame | None, frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Frames of (run, split, tag, step, value) as one, with the dtypes the report uses."""
+    if first is not None and len(first):
+        frames = [first.astype({c: object for c in ("run", "split", "tag")}), *frames]
     out = pd.concat(frames, ignore_index=True)[SCALAR_COLUMNS]
     out["value"] = out["value"].astype(float)
     out["step"] = out["step"].astype(int)
@@ -188,7 +220,7 @@ def read_event_files(logdir: Path, problems: list[str], cache: ParseCache | None
     # magnitude faster than pandas' string dtype.
     for column in ("run", "split", "tag"):
         out[column] = out[column].astype("category")
-    return out, damaged
+    return out
 
 
 def _parse(path: Path) -> tuple[pd.DataFrame, dict]:
@@ -212,6 +244,8 @@ def _parse(path: Path) -> tuple[pd.DataFrame, dict]:
         return empty, {"records": records, "error": error}
     # TF2 scalars are stored as tensors: tbparse's .tensors, not .scalars.
     df = SummaryReader(str(path)).tensors
+    if not df.empty and df["value"].dtype == object:  # text and graph tensors (Keras' model config): no scalars
+        df = df[df["value"].map(lambda v: isinstance(v, (int, float, np.number)) and not isinstance(v, bool))]
     df = empty if df.empty else df[["step", "tag", "value"]].astype({"value": float})
     return df, {"records": records, "error": None}
 

@@ -111,7 +111,7 @@ def results(b: Builder) -> Document:
             data.append(cell_record({**where, "metric": col}, c))
     for key in _keys(b):
         row = [c for c in (slopes.get((b.slug(key), col)) for col, _, _ in COLUMNS)]
-        rows.append([f"Slope per doubling{', ' + b.section_title(key) if key else ''}"]
+        rows.append([f"Slope per doubling [95% CI] p_Holm{', ' + b.section_title(key) if key else ''}"]
                     + [analysis.diff_cell(c) for c in row])
         data += [comparison_record({**key, "metric": col}, c) for (col, _, _), c in zip(COLUMNS, row) if c]
     table = Table("results", f"Results by batch size ({b.summary_text}; mean ± 95% CI half-width over seeds; "
@@ -178,7 +178,7 @@ def _summary_table(b: Builder, sec: Section, cells: list[dict], slopes: dict) ->
                      **{f"roughness_{k}": v for k, v in cell_record({}, rough).items()}})
     for key in _keys(b):
         row = [slopes.get((b.slug(key), col)) for col in ("val_loss", "val_accuracy")]
-        rows.append([f"Slope per doubling{', ' + b.section_title(key) if key else ''}"]
+        rows.append([f"Slope per doubling [95% CI] p_Holm{', ' + b.section_title(key) if key else ''}"]
                     + [analysis.diff_cell(c) for c in row] + [""])
     table = Table("short_analysis", f"Validation loss and accuracy ({b.summary_text}) and the roughness of the "
                                     "per-step train loss in the last epoch (std of step-to-step changes); mean ± "
