@@ -135,15 +135,20 @@ def train_one(task: Task, prepared: "PackedMLP | None" = None, out: TextIO | Non
 def train_runs(experiment: Experiment, specs: list[RunSpec], data: "Dataset", run_dirs: list[Path],
                verbose: int = 0, prepared: "PackedMLP | None" = None) -> list[dict]:
     """Final manifests of `specs` trained into `run_dirs`: a pack on the fused engine, or
-    one run with `model.fit`."""
+    one run on the compiled engine (trainer.compiled) or with `model.fit`."""
     try:
-        if experiment.engine_of(specs[0]) == "fused":
+        engine = experiment.engine_of(specs[0])
+        if engine == "fused":
             from trainer.packed import train_pack
 
             return train_pack(experiment, specs, data, run_dirs, prepared=prepared)
+        (spec,), (run_dir,) = specs, run_dirs
+        if engine == "compiled":
+            from trainer.compiled import train_run as train_compiled
+
+            return [train_compiled(experiment, spec, data, run_dir)]
         from trainer.fit import train_run
 
-        (spec,), (run_dir,) = specs, run_dirs
         return [train_run(experiment, spec, data, run_dir, verbose=verbose)]
     except OSError as exc:  # a manifest itself could not be written: the runs stay "running"
         if exc.errno not in DISK_ERRNOS:

@@ -45,13 +45,23 @@ def one_line(exc: BaseException) -> str:
 
 def run_config(experiment: Experiment, spec: RunSpec, data: Dataset) -> dict:
     """What decides a run's numbers; a finished run is reused only if this matches."""
-    return {
+    config = {
         "spec": spec.to_dict(), "dataset": data.name, "validation": experiment.validation,
         "limit": experiment.limit, "train_examples": int(len(data.x_train)),
         "validation_examples": int(len(data.x_val)),
         "gradient_noise": experiment.gradient_noise.to_dict(),
         "engine": experiment.engine_of(spec),
     }
+    # Only when not float32, so that runs trained before the key existed stay reusable.
+    if precision_of(experiment) != "float32":
+        config["precision"] = precision_of(experiment)
+    return config
+
+
+def precision_of(experiment: Experiment) -> str:
+    """`[execution] precision`: "float32", or "bfloat16" (mixed: bf16 matmuls, convolutions
+    and activations; float32 weights, optimizer state and loss)."""
+    return getattr(experiment, "precision", "float32")
 
 
 def is_reusable(run_dir: Path, config: dict) -> dict | None:
@@ -93,7 +103,7 @@ def begin_run(experiment: Experiment, spec: RunSpec, data: Dataset, run_dir: Pat
         "start_time": _now(), "end_time": None, "wall_seconds": None,
         "pack": pack or pack_entry([run_dir.name], 0), "steps": 0,
         "examples_seen": 0, "epochs_completed": 0, "final": {},
-        "dataset": data.describe(), "engine": experiment.engine_of(spec),
+        "dataset": data.describe(), "engine": experiment.engine_of(spec), "precision": precision_of(experiment),
         "steps_per_execution": experiment.steps_per_execution,
         "versions": library_versions(), "hardware": hardware(),
         "worker": {"pid": os.getpid(), "host": socket.gethostname()},

@@ -1,0 +1,264 @@
+"""The compiled engine (trainer.compiled): a run trains exactly as the same Keras model
+trained with `train_on_batch` on the same batches (the CNN of document 000, the one-hot
+linear bottleneck of 002, an MLP with batch norm), and logs the layout the report reads."""
+import json
+import math
+import textwrap
+
+import numpy as np
+import pytest
+
+from contract.spec import RunSpec
+
+N, CLASSES, SHAPE = 300, 4, (10, 10)  # batch 32: 300 = 9 × 32 + 12, the last batch is partial
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.random((N,) + SHAPE).astype("float32")
+    y = rng.integers(0, CLASSES, N).astype("int32")
+    x[np.arange(N), 2 * y, 2 * y] += 2.0  # learnable
+    return x, y
+
+
+def dataset(x, y):
+    from trainer.data import Dataset
+
+    return Dataset("synthetic", "test", x, y, x[:250], y[:250], "test")
+
+
+SPECS = {
+    "cnn": RunSpec(architecture="cnn", hidden=(16,), activation="relu", batch_size=32, epochs=2,
+                   learning_rate=0.01, seed=3),
+    # SGD: batch norm right after the conv cancels the conv's bias, so that bias's gradient
+    # is rounding noise (≈1e-9), which Adam normalizes into ±lr steps: two float32
+    # implementations that sum in another order then move it (and the moving mean after
+    # it) differently, a property of Adam there, not of an engine.
+    "cnn-bn": RunSpec(architecture="cnn", hidden=(16,), activation="relu", batch_norm=True, batch_size=32,
+                      epochs=2, optimizer="sgd", learning_rate=0.05, seed=1),
+    "linear-one-hot": RunSpec(architecture="linear", hidden=(), activation="linear", batch_size=64, epochs=2,
+                              learning_rate=0.01, loss="categorical_crossentropy"),
+    "mlp-bn-one-hot-sgd": RunSpec(hidden=(16, 8), activation="tanh", batch_norm=True, batch_size=32, epochs=2,
+                                  optimizer="sgd", learning_rate=0.05, loss="categorical_crossentropy"),
+}
+
+
+def train_compiled(spec, x, y):
+    """The compiled program trained over `spec.epochs` epochs of the engine's batches:
+    (program, per-step losses, right answers)."""
+    from trainer.compiled import build, epoch_batches, release, tensors
+
+    data = dataset(x, y)
+    program, _ = build(spec, data)
+    t = tensors(data, program.one_hot, 64)
+    losses, right = [], 0.0
+    for epoch in range(spec.epochs):
+        for rows in epoch_batches(N, spec.batch_size, spec.seed, epoch):
+            idx = rows[None]
+            step_losses, _, r = program.train(t, idx, 1)
+            losses.append(step_losses[0])
+            right += r
+    release(program)
+    return program, np.array(losses), right
+
+
+def train_chunked(spec, x, y):
+    """The same in chunks of 4 whole batches (the partial one alone), as the engine runs."""
+    from trainer.compiled import build, epoch_batches, release, tensors
+
+    data = dataset(x, y)
+    program, _ = build(spec, data)
+    t = tensors(data, program.one_hot, 64)
+    losses = []
+    for epoch in range(spec.epochs):
+        batches = epoch_batches(N, spec.batch_size, spec.seed, epoch)
+        whole = [b for b in batches if len(b) == spec.batch_size]
+        for s in range(0, len(whole), 4):
+            part = np.stack(whole[s:s + 4])
+            losses.extend(program.train(t, part, len(part))[0])
+        for b in batches[len(whole):]:
+            losses.extend(program.train(t, b[None], 1)[0])
+    weights = [w.numpy() for w in program.model.weights]
+    release(program)
+    return np.array(losses), weights
+
+
+def train_keras(spec, x, y):
+    """The same run as a Keras model compiled as `model.fit` would be, `train_on_batch`
+    on the same batches."""
+    import keras
+
+    from trainer.compiled import epoch_batches
+    from trainer.models import build_model, make_optimizer
+
+    keras.utils.set_random_seed(spec.seed)
+    model = build_model(spec, input_shape=SHAPE, classes=CLASSES)
+    model.compile(optimizer=make_optimizer(spec), loss=spec.loss, metrics=["accuracy"])
+    labels = np.eye(CLASSES, dtype="float32")[y] if spec.loss == "categorical_crossentropy" else y
+    losses, right = [], 0.0
+    for epoch in range(spec.epochs):
+        for rows in epoch_batches(N, spec.batch_size, spec.seed, epoch):
+            out = model.train_on_batch(x[rows], labels[rows], return_dict=True)
+            losses.append(out["loss"])
+            right += out["accuracy"] * len(rows)
+    return model, np.array(losses), right, labels
+
+
+@pytest.fixture(scope="module", params=sorted(SPECS))
+def trained(request, data):
+    x, y = data
+    spec = SPECS[request.param]
+    program, losses, right = train_compiled(spec, x, y)
+    weights = [w.numpy() for w in program.model.weights]  # before another test reloads the program
+    return request.param, spec, program, losses, right, weights, train_keras(spec, x, y)
+
+
+def test_each_step_and_the_final_weights_match_train_on_batch(trained):
+    name, spec, program, losses, right, weights, (model, ref_losses, ref_right, _) = trained
+    assert losses.shape == ref_losses.shape == (spec.epochs * math.ceil(N / spec.batch_size),)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
+    assert right == pytest.approx(ref_right, abs=1e-3)
+    assert len(weights) == len(model.weights)
+    for w, ref in zip(weights, model.weights):  # kernels, biases, batch-norm statistics
+        np.testing.assert_allclose(w, ref.numpy(), atol=1e-5, err_msg=f"{name}: {ref.path}")
+    assert program.xla == (spec.architecture != "cnn")
+    if spec.optimizer == "adam":
+        assert program._adam is not None  # the fused Adam kernel is what was checked
+
+
+def test_chunks_of_steps_train_as_single_steps(data):
+    """Several steps per call (and the reused, reloaded program) change nothing."""
+    x, y = data
+    spec = SPECS["cnn-bn"]
+    _, single, _ = train_compiled(spec, x, y)
+    chunked, weights = train_chunked(spec, x, y)
+    np.testing.assert_allclose(chunked, single, rtol=1e-6, atol=1e-7)
+    ref = train_keras(spec, x, y)[0]
+    for w, r in zip(weights, ref.weights):
+        np.testing.assert_allclose(w, r.numpy(), atol=1e-5)
+
+
+def test_validation_matches_keras_evaluate(trained, data):
+    from trainer.compiled import tensors
+
+    name, spec, program, _, _, weights, (model, _, _, labels) = trained
+    x, y = data
+    for w, value in zip(program.model.weights, weights):
+        w.assign(value)
+    t = tensors(dataset(x, y), program.one_hot, 64)  # 250 rows: 3 whole chunks of 64 and a padded one
+    loss, accuracy = program.validate(t)
+    ref = model.evaluate(x[:250], labels[:250], batch_size=64, verbose=0, return_dict=True)
+    assert loss == pytest.approx(ref["loss"], rel=1e-5)
+    probabilities = model.predict(x[:250], batch_size=64, verbose=0)
+    logits = program.forward(x[:250], training=False).numpy()
+    np.testing.assert_allclose(np.exp(logits) / np.exp(logits).sum(1, keepdims=True), probabilities, atol=1e-5)
+    assert accuracy == pytest.approx(ref["accuracy"], abs=1e-6)
+
+
+def test_gradient_probe_matches_the_keras_engine_probe(trained, data):
+    from trainer.compiled import tensors
+    from trainer.noise_probe import GradientProbe
+
+    name, spec, program, _, _, weights, (model, _, _, labels) = trained
+    x, y = data
+    for w, ref, value in zip(program.model.weights, model.weights, weights):
+        w.assign(value)
+        ref.assign(value)  # the same weights on both sides: the probes, not the training, compared
+    t = tensors(dataset(x, y), program.one_hot, 64)
+    rows, one = np.arange(128).reshape(4, 32), np.arange(200, 232)
+    got = program.probe(t, rows, one)
+    ref = GradientProbe(model, spec.loss).measure(x[:128].reshape((4, 32) + SHAPE), labels[:128].reshape(
+        (4, 32) + labels.shape[1:]), x[200:232], labels[200:232])
+    np.testing.assert_allclose(got, ref, rtol=1e-4)
+    before = [w.numpy() for w in program.model.weights]
+    program.probe(t, rows, one)
+    for b, w in zip(before, program.model.weights):  # the probe changes nothing (batch-norm statistics too)
+        np.testing.assert_array_equal(b, w.numpy())
+
+
+def test_bfloat16_trains_close_to_float32(data):
+    """Mixed bfloat16: weights and optimizer state stay float32, the losses finite and
+    near float32's (bf16 has 8 bits of mantissa: not the same bits)."""
+    from trainer.compiled import build, epoch_batches, release, tensors
+
+    x, y = data
+    spec = SPECS["cnn"]
+    out = {}
+    for precision in ("float32", "bfloat16"):
+        program, _ = build(spec, dataset(x, y), precision)
+        t = tensors(dataset(x, y), program.one_hot, 64)
+        losses = [program.train(t, rows[None], 1)[0][0] for epoch in range(spec.epochs)
+                  for rows in epoch_batches(N, spec.batch_size, spec.seed, epoch)]
+        out[precision] = (np.array(losses), program.validate(t))
+        assert all(w.dtype == "float32" for w in program.model.weights + program.optimizer.variables[1:])
+        assert not program.xla if precision == "bfloat16" else True
+        release(program)
+    (l32, (_, acc32)), (l16, (_, acc16)) = out["float32"], out["bfloat16"]
+    assert np.isfinite(l16).all()
+    assert not np.array_equal(l16, l32)  # bfloat16 really ran
+    np.testing.assert_allclose(l16, l32, rtol=0.1, atol=0.02)
+    assert abs(acc16 - acc32) <= 0.05
+
+
+def test_unknown_precision_is_refused():
+    import keras
+
+    from trainer.compiled import Program
+    from trainer.models import build_model
+
+    spec = SPECS["cnn"]
+    with pytest.raises(ValueError, match="valid values: float32, bfloat16"):
+        Program(build_model(spec, input_shape=SHAPE, classes=CLASSES), spec, precision="float16")
+    keras.backend.clear_session(free_memory=False)
+
+
+@pytest.mark.slow
+def test_cnn_and_one_hot_runs_log_the_layout(tmp_path, synthetic_npz):
+    """A CNN grid and a one-hot linear run through `python -m trainer`: the compiled
+    engine, steps 1..N, the epoch and gradient tags, run.json's engine and precision."""
+    from tbparse import SummaryReader
+
+    from trainer.cli import main
+
+    path = tmp_path / "cnn.toml"
+    path.write_text(textwrap.dedent("""
+        [data]
+        validation = 0.1
+        limit = 1200
+        [run]
+        architecture = "cnn"
+        hidden = [16]
+        epochs = 2
+        [grid]
+        batch_size = [64, 100]
+        loss = ["sparse_categorical_crossentropy", "categorical_crossentropy"]
+        [gradient_noise]
+        every_examples = 320
+        small_batch = 32
+        batches = 4
+    """))
+    assert main(["--experiment", str(path), "--data", str(synthetic_npz), "--logdir", str(tmp_path / "logs")]) == 0
+    exp_dir = tmp_path / "logs" / "cnn"
+    df = SummaryReader(str(exp_dir), extra_columns={"dir_name"}).tensors
+    df[["run", "split"]] = df["dir_name"].str.rsplit("/", n=1, expand=True)
+    runs = [p for p in exp_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(runs) == 4
+    for run in runs:
+        manifest = json.loads((run / "run.json").read_text())
+        assert manifest["status"] == "complete" and manifest["engine"] == "compiled"
+        assert manifest["precision"] == "float32" and "precision" not in manifest["config"]  # float32: as before
+        bs = manifest["spec"]["batch_size"]
+        steps = 2 * math.ceil(1080 / bs)
+        assert manifest["steps"] == steps and manifest["examples_seen"] == 2 * 1080
+        assert manifest["gradient_noise"]["measurements"] >= 2 * 4
+        rows = df[df["run"] == run.name]
+        step_loss = rows[rows["tag"] == "step_loss"]
+        assert step_loss["step"].tolist() == list(range(1, steps + 1))
+        assert np.isfinite(step_loss["value"].astype(float)).all()
+        for split in ("train", "validation"):
+            epochs = rows[(rows["split"] == split) & (rows["tag"] == "epoch_loss")]
+            assert epochs["step"].tolist() == [0, 1]
+        val = rows[(rows["split"] == "validation") & (rows["tag"] == "epoch_accuracy")]["value"].tolist()
+        assert val[-1] == pytest.approx(manifest["final"]["val_accuracy"], rel=1e-6)
+        assert {"gradient/b_simple", "gradient/epoch_cosine", "gradient/loss_roughness"} <= set(rows["tag"])
