@@ -324,8 +324,9 @@ class Builder:
         if not problems:
             return
         sec = self.doc.section("Data problems")
-        self.doc.text(sec, "These runs or grid cells are missing, damaged or diverged; tables show “—” "
-                           "for missing cells and the figures leave them out.")
+        self.doc.text(sec, "These runs or grid cells are missing, damaged, diverged or read with assumptions "
+                           "(logs written by others); tables show “—” for missing cells and the figures leave "
+                           "them out.")
         self.doc.bullets(sec, problems)
 
     def provenance(self) -> None:
@@ -348,7 +349,7 @@ class Builder:
             size = pack.get("size") or 1
             packed |= size > 1
             rows.append([r.run, str(getattr(r, "seed", "")), r.status, str(m.get("steps", "")),
-                         f"{m.get('wall_seconds') or 0:.1f}", str(size)])
+                         "—" if m.get("wall_seconds") is None else f"{m['wall_seconds']:.1f}", str(size)])
             data.append({"run": r.run, "seed": getattr(r, "seed", None), "status": r.status,
                          "steps": m.get("steps"), "wall_seconds": m.get("wall_seconds"), "pack_size": size,
                          "pack": pack.get("id")})

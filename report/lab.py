@@ -160,7 +160,7 @@ def _comparison(b: Builder, key: dict, per_bs: dict, slopes: dict) -> None:
     runs = b.logs.runs
     for bs in b.batch_sizes:
         chosen = runs[(runs["batch_size"] == bs) & (runs["status"] == COMPLETE)]
-        if not chosen.empty:
+        if not chosen.empty and chosen["steps"].notna().any():  # logs written by others may not say
             steps[bs] = float(chosen["steps"].median())
     epochs = runs["epochs"].iloc[0] if "epochs" in runs and "epochs" not in b.factors else None
     bullets.append(analysis.steps_context(steps, epochs))

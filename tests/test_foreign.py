@@ -302,8 +302,6 @@ def test_bad_factors_are_refused_before_anything_is_read(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(reason="report/lab.py's steps_context line takes int() of a NaN median when no run of a batch "
-                          "size says its steps (per-epoch-only logs); fix: skip batch sizes whose steps are unknown")
 def test_lab_report_of_per_epoch_only_runs_over_two_batch_sizes(tmp_path):
     import tensorflow as tf
 
