@@ -18,7 +18,8 @@ TRAIN_ARGS := --experiment $(EXPERIMENT) --logdir $(LOGDIR) \
 	$(if $(LIMIT),--limit $(LIMIT)) $(if $(DATA),--data $(DATA)) \
 	$(if $(VERBOSE),--verbose $(VERBOSE)) $(if $(CONFIRM),--confirm-large) \
 	$(if $(EXECUTOR),--executor $(EXECUTOR)) $(if $(WORKERS),--workers $(WORKERS)) \
-	$(if $(SHARD),--shard $(SHARD)) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS))
+	$(if $(SHARD),--shard $(SHARD)) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS)) \
+	$(if $(filter 0,$(NOISE)),--no-gradient-noise)
 REPORT_ARGS := --logdir $(LOGDIR)/$(EXPERIMENT) --out $(REPORTS)/$(EXPERIMENT) \
 	$(if $(FORMAT),--format $(FORMAT)) $(if $(TEMPLATE),--template $(TEMPLATE)) \
 	$(if $(SUMMARY),--summary $(SUMMARY)) $(if $(SMOOTHING),--smoothing $(SMOOTHING)) \
@@ -59,7 +60,7 @@ dataset:
 	  fi; \
 	fi
 
-## train: train EXPERIMENT into LOGDIR/EXPERIMENT; DATASET= EPOCHS= LIMIT= DATA=PATH VERBOSE=1 CONFIRM=1
+## train: train EXPERIMENT into LOGDIR/EXPERIMENT; DATASET= EPOCHS= LIMIT= DATA=PATH VERBOSE=1 NOISE=0 (no noise probe) CONFIRM=1
 ##   (grids over 500 runs); WORKERS=N local processes, EXECUTOR=ray RAY_ADDRESS=auto, SHARD=i/n
 train: $(STAMP) dataset
 	$(BIN)/python -m trainer $(TRAIN_ARGS)

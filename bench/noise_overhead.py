@@ -5,9 +5,14 @@
 
 Each pack of the grid (the runs the fused engine trains together; one run with the Keras
 engine) is trained twice in this one process, once with [gradient_noise] off and once
-with the experiment's settings (alternating, so both sides see the same machine state),
-as the trainer trains it. Prints the per-batch-size times and
-measurement counts; the last line is `gradient noise overhead: <percent>%`.
+with the experiment's settings (alternating which goes first, so both sides see the same
+machine state), as the trainer trains it. Before that, the first pack of each batch size
+is trained once untimed with the probe on, so that XLA's compilation of each batch size
+(1–3 s, paid once per process) is not counted on whichever side happens to come first.
+Prints per batch size the wall and CPU seconds (process time, all threads: less
+sensitive than wall time to other work on the machine) and the measurement counts; the
+last two lines are `gradient noise overhead (CPU time): <percent>%` and
+`gradient noise overhead: <percent>%` (wall time).
 """
 from __future__ import annotations
 
@@ -29,7 +34,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.noise_overhead", description=__doc__.splitlines()[0])
     p.add_argument("--experiment", default="lab")
     p.add_argument("--quick", action="store_true", help=f"reduced variant: {QUICK}")
-    p.add_argument("--every", type=int, help="override [gradient_noise] every (K steps)")
+    p.add_argument("--every-examples", type=int, help="override [gradient_noise] every_examples")
+    p.add_argument("--batches", type=int, help="override [gradient_noise] batches")
+    p.add_argument("--small-batch", type=int, help="override [gradient_noise] small_batch")
+    p.add_argument("--no-warm-up", action="store_true", help="count each batch size's compilation too")
     p.add_argument("--data", help="as for the trainer: a .npz or IDX folder")
     args = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -41,22 +49,36 @@ def main(argv=None) -> int:
 
     tf.get_logger().setLevel("ERROR")
     exp = load_experiment(args.experiment, data_path=args.data, **(QUICK if args.quick else {}))
-    on = exp.gradient_noise if args.every is None else dataclasses.replace(exp.gradient_noise, every=args.every)
+    changes = {k: v for k, v in (("every_examples", args.every_examples), ("batches", args.batches),
+                                 ("small_batch", args.small_batch)) if v is not None}
+    on = dataclasses.replace(exp.gradient_noise, **changes)
     sides = {"off": dataclasses.replace(exp, gradient_noise=dataclasses.replace(on, enabled=False)),
              "on": dataclasses.replace(exp, gradient_noise=dataclasses.replace(on, enabled=True))}
     data = datasets.load(exp.dataset, validation=exp.validation, limit=exp.limit, path=exp.data_path)
-    seconds = {side: defaultdict(float) for side in sides}
+    wall = {side: defaultdict(float) for side in sides}
+    cpu = {side: defaultdict(float) for side in sides}
     measurements: dict[int, int] = defaultdict(int)
     with tempfile.TemporaryDirectory(prefix="bench-noise-") as tmp:
         packs = exp.packs(list(range(len(exp.runs))))
+        if not args.no_warm_up:
+            first = {}
+            for pack in packs:
+                first.setdefault(exp.runs[pack[0]].batch_size, pack)
+            t0 = time.perf_counter()
+            for pack in first.values():
+                specs = [exp.runs[i] for i in pack]
+                train_runs(sides["on"], specs, data, [Path(tmp) / "warm-up" / exp.run_name(s) for s in specs])
+            print(f"warm-up: one pack per batch size, {time.perf_counter() - t0:.1f}s (not counted)",
+                  file=sys.stderr, flush=True)
         for k, pack in enumerate(packs):
             specs = [exp.runs[i] for i in pack]
             order = ("off", "on") if k % 2 == 0 else ("on", "off")
             for side in order:
                 run_dirs = [Path(tmp) / side / exp.run_name(spec) for spec in specs]
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 manifests = train_runs(sides[side], specs, data, run_dirs)
-                seconds[side][specs[0].batch_size] += time.perf_counter() - t0
+                wall[side][specs[0].batch_size] += time.perf_counter() - t0
+                cpu[side][specs[0].batch_size] += time.process_time() - c0
                 for manifest in manifests:
                     assert manifest["status"] == COMPLETE, manifest.get("error")
                     if side == "on":
@@ -64,15 +86,20 @@ def main(argv=None) -> int:
             print(f"pack {k + 1}/{len(packs)} ({len(pack)} runs, batch {specs[0].batch_size}) done",
                   file=sys.stderr, flush=True)
     print(f"{exp.name}{' (quick)' if args.quick else ''}: {len(exp.runs)} runs × 2 on {len(data.x_train)} "
-          f"train images; [gradient_noise] every={on.every} small_batch={on.small_batch} "
+          f"train images; [gradient_noise] every_examples={on.every_examples} small_batch={on.small_batch} "
           f"batches={on.batches} (B_big={on.big_batch})")
-    print(f"{'batch':>6} {'off s':>8} {'on s':>8} {'overhead':>9} {'measurements':>13}")
-    for bs in sorted(seconds["off"]):
-        off, with_noise = seconds["off"][bs], seconds["on"][bs]
-        print(f"{bs:>6} {off:8.1f} {with_noise:8.1f} {(with_noise / off - 1) * 100:8.1f}% {measurements[bs]:>13}")
-    total_off, total_on = sum(seconds["off"].values()), sum(seconds["on"].values())
-    print(f"total: off {total_off:.1f}s, on {total_on:.1f}s")
-    print(f"gradient noise overhead: {(total_on / total_off - 1) * 100:.1f}%")
+    print(f"{'batch':>6} {'off s':>8} {'on s':>8} {'overhead':>9} {'off CPU s':>10} {'on CPU s':>9} "
+          f"{'overhead':>9} {'measurements':>13}")
+    for bs in sorted(wall["off"]):
+        print(f"{bs:>6} {wall['off'][bs]:8.1f} {wall['on'][bs]:8.1f} {(wall['on'][bs] / wall['off'][bs] - 1) * 100:8.1f}% "
+              f"{cpu['off'][bs]:10.1f} {cpu['on'][bs]:9.1f} {(cpu['on'][bs] / cpu['off'][bs] - 1) * 100:8.1f}% "
+              f"{measurements[bs]:>13}")
+    total = {side: sum(wall[side].values()) for side in sides}
+    total_cpu = {side: sum(cpu[side].values()) for side in sides}
+    print(f"total: off {total['off']:.1f}s, on {total['on']:.1f}s (CPU: off {total_cpu['off']:.1f}s, "
+          f"on {total_cpu['on']:.1f}s)")
+    print(f"gradient noise overhead (CPU time): {(total_cpu['on'] / total_cpu['off'] - 1) * 100:.1f}%")
+    print(f"gradient noise overhead: {(total['on'] / total['off'] - 1) * 100:.1f}%")
     return 0
 
 

@@ -1,5 +1,5 @@
-"""The gradient noise scale (McCandlish et al. 2018, App. A.1): the estimator, and the
-one measurement schedule both training engines follow.
+"""The gradient noise scale (McCandlish et al. 2018, App. A.1): the estimator, its 95%
+interval, and the one measurement schedule both training engines follow.
 
 With the weights held fixed, the gradients of k disjoint mini-batches of B_small examples
 give |G_small|² (the mean of their squared norms) and |G_big|² (the squared norm of their
@@ -10,11 +10,38 @@ mean, a batch of B_big = k·B_small). Since E|G_B|² = |G|² + tr(Σ)/B:
 
 and B_simple = tr(Σ)/|G|², taken as the ratio of bias-corrected exponential moving
 averages of the two, because single estimates are noisy and |G|² can come out negative.
+The |G|² estimate is the mean of the k(k−1) dot products g_i·g_j of distinct small-batch
+gradients, so its sampling noise is set by B_big, hardly by the split into k batches; k
+sets tr(Σ)'s k − 1 degrees of freedom. Measured on the lab grid, single |G|² estimates
+at B_big = 512 have a relative spread of 1.1–1.4, about half of it the rows drawn and
+half the gradient itself changing from step to step (B_big = 4096 brought it only to
+0.75–1.0): many measurements spread over training, not big ones, make B_simple repeatable,
+hence the schedule in examples and β = 0.95 (`NoiseSettings`).
+
+The interval (`b_simple_interval`): B_simple is a ratio of two weighted means, the EMA's
+weights β^(n−i) over the n measurements so far. Each measurement draws fresh rows, so
+given the weights the measurements are independent; the variances and covariance of the
+two weighted means come from the weighted spread of the measurements themselves, with
+Kish's effective count n_eff = (Σw)²/Σw² (→ (1+β)/(1−β), 39 at β = 0.95: the EMA's
+effective window) and n_eff − 1 degrees of freedom. The interval is Fieller's: the ρ for
+which tr(Σ) − ρ·|G|² (linear in the data, so a t statistic) is not rejected at 5%. It is
+chosen over the delta method or a leave-one-out jackknife of the ratio because |G|² is
+the noisy part: with single |G|² estimates of relative error above 1, symmetric
+intervals around the ratio undercover (simulated with B_simple at 2–6·B_big, a
+leave-one-out jackknife covered 88–92%, Fieller's 95–98% of the runs where it is
+defined); Fieller's is asymmetric, exact for normal means, and unbounded exactly when
+the averaged |G|² is not significantly positive.
+Nothing is written then, nor with fewer than 3 measurements, nor when the averaged
+|G|² ≤ 0. A bootstrap of a few dozen weighted points has the same small-sample trouble
+and costs more. While B_simple drifts during training, the drift shows as extra spread
+between measurements and widens the interval: it is an interval for the EMA's weighted
+average over its window, not for the value at the last step.
 
 Written here because no maintained Keras/TensorFlow library measures it; the estimator
-is a few lines of arithmetic. Only numpy: the gradients themselves are taken by the
-engines (`trainer.noise_probe`, `trainer.packed_model`), and what is measured is logged
-by `trainer.events`; this module returns values and writes nothing.
+is a few lines of arithmetic. Only numpy (the t quantile too: `t_quantile`): the gradients
+themselves are taken by the engines (`trainer.noise_probe`, `trainer.packed_model`), and
+what is measured is logged by `trainer.events`; this module returns values and writes
+nothing.
 """
 from __future__ import annotations
 
@@ -23,13 +50,18 @@ import math
 import numpy as np
 
 from contract.layout import (NOISE_AT_BATCH, NOISE_B_SIMPLE, NOISE_COSINE, NOISE_EPOCH_AT_BATCH,
-                             NOISE_EPOCH_B_SIMPLE, NOISE_EPOCH_COSINE, NOISE_G2, NOISE_ROUGHNESS,
-                             NOISE_TAGS, NOISE_TRACE, noise_tag)
+                             NOISE_EPOCH_B_HIGH, NOISE_EPOCH_B_LOW, NOISE_EPOCH_B_SIMPLE, NOISE_EPOCH_COSINE,
+                             NOISE_G2, NOISE_ROUGHNESS, NOISE_TAGS, NOISE_TRACE, noise_tag)
 from contract.spec import NoiseSettings
 
 # The small batches' own random stream, seeded by the run's seed: training's shuffles
 # are left alone, and both engines draw the same rows.
 _STREAM = 0x6E6F697365
+INTERVAL_LEVEL = 0.95
+INTERVAL_METHOD = "fieller"  # over the EMA-weighted measurements; see the module docstring
+MIN_MEASUREMENTS = 3         # fewer: no interval
+# run.json's "gradient_noise" keys for the last B_simple and its interval (None: undefined).
+SUMMARY_B_SIMPLE, SUMMARY_LOW, SUMMARY_HIGH = NOISE_B_SIMPLE, NOISE_B_SIMPLE + "_low", NOISE_B_SIMPLE + "_high"
 
 
 def two_batch_estimate(g_small_sq: float, g_big_sq: float, b_small: int, b_big: int) -> tuple[float, float]:
@@ -41,8 +73,68 @@ def two_batch_estimate(g_small_sq: float, g_big_sq: float, b_small: int, b_big: 
     return g2, trace
 
 
+def ema_weights(n: int, beta: float) -> np.ndarray:
+    """The bias-corrected EMA's weights on n measurements, oldest first, summing to 1."""
+    w = beta ** np.arange(n - 1, -1, -1, dtype=float)
+    return w / w.sum()
+
+
+def b_simple_interval(g2s, traces, beta: float, level: float = INTERVAL_LEVEL) -> tuple[float, float] | None:
+    """Fieller's `level` interval for the ratio of the EMA-weighted means of `traces` and
+    `g2s` (the module docstring says why), or None where it is undefined: fewer than
+    MIN_MEASUREMENTS, under 2 effective measurements, a weighted |G|² ≤ 0, or one not
+    significantly above 0 (the interval would be unbounded). The low end is at least 0."""
+    g, t = np.asarray(g2s, dtype=float), np.asarray(traces, dtype=float)
+    n = len(g)
+    if n < MIN_MEASUREMENTS or len(t) != n or not (np.isfinite(g).all() and np.isfinite(t).all()):
+        return None
+    p = ema_weights(n, beta)
+    s2 = float(p @ p)
+    n_eff = 1.0 / s2
+    g_mean, t_mean = float(p @ g), float(p @ t)
+    if n_eff < 2 or not g_mean > 0:
+        return None
+    # Variances of the weighted means: Σp(x − x̄)(y − ȳ)/(1 − Σp²) estimates the spread of
+    # one measurement, Σp² times that the weighted mean's.
+    dg, dt = g - g_mean, t - t_mean
+    scale = s2 / (1 - s2)
+    v_gg, v_tt, v_gt = (scale * float(p @ (a * b)) for a, b in ((dg, dg), (dt, dt), (dg, dt)))
+    q2 = t_quantile(0.5 + level / 2, n_eff - 1) ** 2
+    # {ρ : (t̄ − ρ·ḡ)² ≤ q²·(v_tt − 2ρ·v_gt + ρ²·v_gg)} = {ρ : aρ² − 2bρ + c ≤ 0}
+    a = g_mean * g_mean - q2 * v_gg
+    if not a > 0:
+        return None
+    b = t_mean * g_mean - q2 * v_gt
+    c = t_mean * t_mean - q2 * v_tt
+    root = math.sqrt(max(b * b - a * c, 0.0))
+    return max((b - root) / a, 0.0), (b + root) / a
+
+
+def t_quantile(p: float, df: float) -> float:
+    """Student's t quantile for 0.5 < p < 1 and any real df ≥ 1 (numpy only: the contract
+    imports no scipy): bisection on the CDF, the density integrated by Simpson's rule
+    (agrees with scipy.special.stdtrit to ≈1e-9)."""
+    if not (0.5 < p < 1 and df >= 1):
+        raise ValueError(f"need 0.5 < p < 1 and df ≥ 1, got {p}, {df}")
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(x: float) -> float:  # F(x) − ½ for x ≥ 0
+        u = np.linspace(0.0, x, 2001)
+        f = np.exp(log_c - (df + 1) / 2 * np.log1p(u * u / df))
+        return float((f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum()) * (x / 2000) / 3)
+
+    low, high = 0.0, 1.0
+    while cdf(high) < p - 0.5:
+        low, high = high, 2 * high
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if cdf(mid) < p - 0.5 else (low, mid)
+    return (low + high) / 2
+
+
 class NoiseScaleEMA:
-    """Bias-corrected exponential moving averages of |G|² and tr Σ, and their ratio."""
+    """Bias-corrected exponential moving averages of |G|² and tr Σ, their ratio, and the
+    ratio's interval (`b_simple_interval`, from the measurements kept)."""
 
     def __init__(self, beta: float):
         if not 0 <= beta < 1:
@@ -50,11 +142,15 @@ class NoiseScaleEMA:
         self.beta = beta
         self.n = 0
         self._g2 = self._trace = 0.0
+        self.g2s: list[float] = []
+        self.traces: list[float] = []
 
     def update(self, g2: float, trace: float) -> None:
         self.n += 1
         self._g2 = self.beta * self._g2 + (1 - self.beta) * g2
         self._trace = self.beta * self._trace + (1 - self.beta) * trace
+        self.g2s.append(g2)
+        self.traces.append(trace)
 
     @property
     def g2(self) -> float:
@@ -72,6 +168,15 @@ class NoiseScaleEMA:
             return None
         return trace / g2
 
+    @property
+    def effective_measurements(self) -> float:
+        """Kish's effective number of measurements under the EMA's weights."""
+        return 1.0 / float(np.sum(ema_weights(self.n, self.beta) ** 2)) if self.n else 0.0
+
+    def interval(self, level: float = INTERVAL_LEVEL) -> tuple[float, float] | None:
+        """The `level` interval of `b_simple` (None where undefined)."""
+        return b_simple_interval(self.g2s, self.traces, self.beta, level)
+
 
 def roughness(losses: np.ndarray) -> float:
     """Standard deviation of step-to-step loss differences (ddof 1): how choppy a curve is."""
@@ -86,40 +191,75 @@ def check_examples(settings: NoiseSettings, examples: int) -> None:
                          f"training examples, the data has {examples}")
 
 
+def due_steps(every_examples: int, examples: int, batch_size: int) -> tuple[int, ...]:
+    """The steps of an epoch (1 … ⌈examples / batch⌉) at which a measurement is due: the
+    first at which the epoch has seen m·every_examples examples, for each m ≥ 1 with
+    m·every_examples < examples, and the last."""
+    steps = math.ceil(examples / batch_size)
+    due = {math.ceil(m * every_examples / batch_size) for m in range(1, -(-examples // every_examples))}
+    return tuple(sorted(due | {steps}))
+
+
 class NoiseSchedule:
     """When to measure, on which rows, and what each measurement gives, for the `members`
     runs that train on one data order (one for the Keras engine, a pack for the fused).
 
-    A measurement is due at the first step at or after each multiple of `every` that an
-    engine asks about (with several steps per call, the end of that call), and at each
-    epoch end, at most once per step. Each member keeps its own moving average. Values
-    come back as {full tag: value}, None where there is no value (the writers skip it).
+    Measurements are counted in examples, not steps, so that every batch size gets the
+    same number per epoch: one at the first step at which the epoch has seen another
+    `every_examples` examples (steps ⌈m·every_examples / batch⌉ of the epoch, m = 1, 2, …
+    while m·every_examples is less than the epoch), and one at each epoch end; at most one
+    per step. The fused engine cuts its chunks of steps at these steps (`steps_to_due`),
+    so it measures at exactly them; the Keras engine, asked once per execution of
+    `steps_per_execution` steps, measures at the first execution end at or after each
+    (several due within one execution give one measurement). Each member keeps its own
+    moving average and measurements. Values come back as {full tag: value}, None where
+    there is no value (the writers skip it).
     """
 
     def __init__(self, settings: NoiseSettings, *, examples: int, batch_size: int, seed: int,
                  members: int = 1):
         check_examples(settings, examples)
+        if settings.every_examples <= 0 or batch_size <= 0:
+            raise ValueError(f"every_examples and batch_size must be positive, got "
+                             f"{settings.every_examples}, {batch_size}")
         self.settings, self.examples, self.batch_size = settings, examples, batch_size
+        self.steps_per_epoch = math.ceil(examples / batch_size)
+        self.due_in_epoch = due_steps(settings.every_examples, examples, batch_size)
         self.rng = np.random.default_rng([seed, _STREAM])
         self.emas = [NoiseScaleEMA(settings.beta) for _ in range(members)]
         self.measurements = [0] * members
-        self.next_due = settings.every
+        self.next_due = self.due_in_epoch[0]
         self.last: list[dict] = [{} for _ in range(members)]  # the latest measurement per member
         self.last_step: int | None = None
 
+    def due_after(self, step: int) -> int:
+        """The first global step after `step` at which a measurement is due."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        return epoch * self.steps_per_epoch + next(d for d in self.due_in_epoch if d > within)
+
+    def steps_to_due(self, step: int) -> int:
+        """How many steps after `step` the next measurement is due (at least 1): the most
+        steps an engine may run before it asks `plan` again to measure on time."""
+        return max(1, self.next_due - step)
+
     def plan(self, step: int, epoch_end: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
         """The probe's rows if a measurement is due at `step`: the small batches
-        [k, B_small] and one batch of the run's size; else None."""
+        [k, B_small], and the rows of one batch of the run's size for the cosine, at an
+        epoch's end only (no rows at the other measurements: a batch of 1024 costs twice
+        the small batches; engines skip it and give a NaN cosine); else None."""
         if step == self.last_step or (step < self.next_due and not epoch_end):
             return None
         s = self.settings
         rows = self.rng.choice(self.examples, size=s.big_batch, replace=False)
-        one = self.rng.choice(self.examples, size=min(self.batch_size, self.examples), replace=False)
+        one = np.zeros(0, np.int32)
+        if epoch_end or step % self.steps_per_epoch == 0:
+            one = self.rng.choice(self.examples, size=min(self.batch_size, self.examples), replace=False)
         return rows.reshape(s.batches, s.small_batch).astype(np.int32), one.astype(np.int32)
 
-    def record(self, step: int, small_sq, big_sq, cosine, alive: list[bool] | None = None) -> list[dict]:
-        """The measurement at `step` (per member |G_small|², |G_big|², cosine): per member
-        the `gradient/` step tags to log at `step` ({} for a member that is not alive)."""
+    def record(self, step: int, small_sq, big_sq, cosine=None, alive: list[bool] | None = None) -> list[dict]:
+        """The measurement at `step` (per member |G_small|², |G_big|², cosine; cosine None
+        or NaN where `plan` gave no batch for it): per member the `gradient/` step tags to
+        log at `step` ({} for a member that is not alive)."""
         s = self.settings
         out = []
         for j, ema in enumerate(self.emas):
@@ -130,22 +270,37 @@ class NoiseSchedule:
             ema.update(g2, trace)
             self.measurements[j] += 1
             self.last[j] = {NOISE_G2: g2, NOISE_TRACE: trace, NOISE_B_SIMPLE: ema.b_simple,
-                            NOISE_AT_BATCH: ema.trace / self.batch_size, NOISE_COSINE: float(cosine[j])}
+                            NOISE_AT_BATCH: ema.trace / self.batch_size,
+                            NOISE_COSINE: _finite(None if cosine is None else cosine[j])}
             out.append({noise_tag(t): v for t, v in self.last[j].items()})
         self.last_step = step
-        if step >= self.next_due:
-            self.next_due = (step // s.every + 1) * s.every
+        self.next_due = self.due_after(step)
         return out
 
     def epoch_values(self, member: int, roughness_value: float) -> dict:
         """The `gradient/` epoch tags of `member` (logged at the epoch index), from the
-        measurement at the epoch's end."""
+        measurement at the epoch's end, with the 95% interval of B_simple where it is
+        defined (`NoiseScaleEMA.interval`)."""
         m = self.last[member]
         if not m:
             return {}
+        low, high = self.emas[member].interval() or (None, None)
         return {noise_tag(NOISE_EPOCH_AT_BATCH): m[NOISE_AT_BATCH], noise_tag(NOISE_EPOCH_COSINE): m[NOISE_COSINE],
-                noise_tag(NOISE_ROUGHNESS): roughness_value, noise_tag(NOISE_EPOCH_B_SIMPLE): m[NOISE_B_SIMPLE]}
+                noise_tag(NOISE_ROUGHNESS): roughness_value, noise_tag(NOISE_EPOCH_B_SIMPLE): m[NOISE_B_SIMPLE],
+                noise_tag(NOISE_EPOCH_B_LOW): low, noise_tag(NOISE_EPOCH_B_HIGH): high}
 
     def summary(self, member: int = 0) -> dict:
-        """For run.json: the settings, how many measurements were taken, the tags."""
-        return {**self.settings.to_dict(), "measurements": self.measurements[member], "tags": list(NOISE_TAGS)}
+        """For run.json: the settings, how many measurements were taken, the last B_simple
+        with its 95% interval (None where undefined), the interval's method, the tags."""
+        ema = self.emas[member]
+        low, high = ema.interval() or (None, None)
+        return {**self.settings.to_dict(), "measurements": self.measurements[member],
+                "measurements_per_epoch": len(self.due_in_epoch),
+                SUMMARY_B_SIMPLE: _finite(ema.b_simple), SUMMARY_LOW: _finite(low), SUMMARY_HIGH: _finite(high),
+                "interval": {"level": INTERVAL_LEVEL, "method": INTERVAL_METHOD,
+                             "effective_measurements": _finite(ema.effective_measurements)},
+                "tags": list(NOISE_TAGS)}
+
+
+def _finite(value) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None

@@ -96,12 +96,13 @@ RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunSpec))
 
 @dataclass(frozen=True)
 class NoiseSettings:
-    """How the gradient noise scale is measured ([gradient_noise] in the experiment file)."""
+    """How the gradient noise scale is measured ([gradient_noise] in the experiment file);
+    when and how: `contract.noise`."""
     enabled: bool = True
-    every: int = 200        # measure every K training steps, and at each epoch end
-    small_batch: int = 64   # B_small
-    batches: int = 8        # k disjoint small batches; B_big = k·B_small
-    beta: float = 0.9       # EMA weight over measurements
+    every_examples: int = 7_500   # measure each time an epoch has seen another N examples, and at its end
+    small_batch: int = 128        # B_small
+    batches: int = 4              # k disjoint small batches; B_big = k·B_small
+    beta: float = 0.95            # EMA weight over measurements
 
     @property
     def big_batch(self) -> int:

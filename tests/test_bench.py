@@ -31,7 +31,7 @@ def test_report_benchmark_prints_each_time_and_the_ratio(fixture_logs):
 @pytest.mark.slow
 def test_noise_overhead_benchmark_trains_both_sides(synthetic_npz):
     result = subprocess.run([sys.executable, "-m", "bench.noise_overhead", "--experiment", "smoke", "--quick",
-                             "--every", "5", "--data", str(synthetic_npz)],
+                             "--every-examples", "320", "--data", str(synthetic_npz)],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()

@@ -168,7 +168,11 @@ def _train(*args: str) -> subprocess.CompletedProcess:
 def test_a_limit_too_small_for_the_noise_probe_is_refused_before_anything_is_written(synthetic_npz, tmp_path):
     result = _train("-e", "smoke", "--data", str(synthetic_npz), "--limit", "500", "--logdir", str(tmp_path / "l"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "needs" not in result.stdout and "batches × small_batch = 8 × 64 = 512" in result.stderr
+    from contract.spec import NoiseSettings
+
+    d = NoiseSettings()  # 512 examples: over the limit
+    assert "needs" not in result.stdout
+    assert f"batches × small_batch = {d.batches} × {d.small_batch} = 512" in result.stderr
     assert "Raise the limit to at least 512" in result.stderr and not (tmp_path / "l").exists()
     assert "I0000" not in result.stderr and "cuInit" not in result.stderr
 

@@ -102,28 +102,37 @@ def test_a_spec_reads_back_from_its_manifest_and_its_hparams():
     assert spec.row()["hidden"] == (128, 64) and hash(tuple(spec.row().values()))
 
 
-def test_one_schedule_measures_at_every_k_steps_and_each_epoch_end_once():
-    settings = NoiseSettings(every=10, small_batch=4, batches=3, beta=0.5)
+def test_one_schedule_measures_every_n_examples_and_each_epoch_end_once():
+    settings = NoiseSettings(every_examples=40, small_batch=4, batches=3, beta=0.5)
     schedule = NoiseSchedule(settings, examples=100, batch_size=8, seed=0, members=2)
-    assert schedule.plan(9) is None
-    rows, one = schedule.plan(12)  # the first step asked about at or after 10
-    assert rows.shape == (3, 4) and len(set(rows.ravel())) == 12 and one.shape == (8,)
-    values = schedule.record(12, [2.0, 3.0], [1.0, 1.0], [0.5, 0.25], alive=[True, False])
-    assert values[1] == {} and schedule.measurements == [1, 0]
+    # 13 steps an epoch; due where the epoch has seen 40 and 80 examples, and at its end.
+    assert schedule.due_in_epoch == (5, 10, 13) and schedule.steps_to_due(0) == 5
+    assert schedule.plan(4) is None
+    rows, one = schedule.plan(5)
+    assert rows.shape == (3, 4) and len(set(rows.ravel())) == 12
+    assert one.shape == (0,)  # the cosine's batch of the run's size: at epoch ends only
+    values = schedule.record(5, [2.0, 3.0], [1.0, 1.0], [0.5, 0.25], alive=[True, False])
+    assert values[1] == {} and schedule.measurements == [1, 0] and schedule.epoch_values(1, 0.1) == {}
     g2, trace = (12 * 1.0 - 4 * 2.0) / 8, (2.0 - 1.0) / (1 / 4 - 1 / 12)
     assert values[0][layout.noise_tag(layout.NOISE_G2)] == pytest.approx(g2)
     assert values[0][layout.noise_tag(layout.NOISE_B_SIMPLE)] == pytest.approx(trace / g2)
     assert values[0][layout.noise_tag(layout.NOISE_AT_BATCH)] == pytest.approx(trace / 8)
-    assert schedule.plan(12, epoch_end=True) is None  # measured at this step already
-    assert schedule.plan(15) is None and schedule.plan(15, epoch_end=True) is not None
-    assert schedule.plan(20) is not None  # the next multiple
+    assert schedule.plan(5, epoch_end=True) is None  # measured at this step already
+    assert schedule.steps_to_due(5) == 5 and schedule.plan(9) is None
+    assert schedule.plan(12) is not None  # asked late (an execution of several steps): measured then
+    schedule.record(12, [2.0, 3.0], [1.0, 1.0], [0.5, 0.25])
+    assert schedule.next_due == 13 and schedule.plan(13)[1].shape == (8,)
+    schedule.record(13, [2.0, 3.0], [1.0, 1.0], [0.5, 0.25])
+    assert schedule.next_due == 13 + 5  # the next epoch's first
     epoch = schedule.epoch_values(0, 0.125)
     assert epoch[layout.noise_tag(layout.NOISE_ROUGHNESS)] == 0.125
-    assert epoch[layout.noise_tag(layout.NOISE_EPOCH_COSINE)] == 0.5 and schedule.epoch_values(1, 0.1) == {}
-    assert schedule.summary(0)["measurements"] == 1 and schedule.summary(0)["tags"] == list(layout.NOISE_TAGS)
+    assert epoch[layout.noise_tag(layout.NOISE_EPOCH_COSINE)] == 0.5
+    summary = schedule.summary(0)
+    assert summary["measurements"] == 3 and summary["tags"] == list(layout.NOISE_TAGS)
+    assert summary["every_examples"] == 40 and summary["measurements_per_epoch"] == 3
     # The same seed draws the same rows, whichever engine asks.
     again = NoiseSchedule(settings, examples=100, batch_size=8, seed=0)
-    np.testing.assert_array_equal(again.plan(12)[0], rows)
+    np.testing.assert_array_equal(again.plan(5)[0], rows)
     with pytest.raises(ValueError, match="needs batches × small_batch = 12 training examples, the data has 11"):
         check_examples(settings, 11)
 

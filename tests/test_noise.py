@@ -2,14 +2,18 @@
 model with frozen weights, and the scalars a real training run logs."""
 import json
 import math
+import textwrap
 
 import numpy as np
 import pytest
 
+from contract.layout import NOISE_EPOCH_B_HIGH, NOISE_EPOCH_B_LOW
 from contract.layout import NOISE_EPOCH_TAGS as EPOCH_TAGS
 from contract.layout import NOISE_PREFIX as PREFIX
 from contract.layout import NOISE_STEP_TAGS as STEP_TAGS
-from contract.noise import NoiseScaleEMA, roughness, two_batch_estimate
+from contract.noise import (NoiseScaleEMA, NoiseSchedule, b_simple_interval, due_steps, roughness,
+                            two_batch_estimate)
+from contract.spec import NoiseSettings
 
 
 def test_two_batch_estimator_recovers_known_gradient_and_covariance():
@@ -51,6 +55,89 @@ def test_ema_is_bias_corrected_and_undefined_until_g2_is_positive():
         NoiseScaleEMA(beta=1.0)
     with pytest.raises(ValueError):
         two_batch_estimate(1.0, 1.0, 64, 64)
+
+
+def simulated_measurements(rng, trials: int, n: int, *, d: int, k: int, b: int, b_simple: float):
+    """(|G|², tr Σ) estimates of `trials` × `n` measurements: k small batches of b
+    examples whose per-example gradients are N(G, Σ), |G|² = 1, tr Σ = b_simple, Σ
+    diagonal with a 1/i spectrum (effective dimension ≈ 8 for d = 20)."""
+    lam = 1.0 / np.arange(1, d + 1)
+    lam *= b_simple / lam.sum()
+    G = rng.normal(size=d)
+    G /= np.linalg.norm(G)
+    small = G + rng.normal(size=(trials, n, k, d)) * np.sqrt(lam / b)  # the small batches' gradients
+    small_sq = np.mean(np.sum(small ** 2, axis=-1), axis=-1)
+    big_sq = np.sum(small.mean(axis=2) ** 2, axis=-1)
+    return two_batch_estimate(small_sq, big_sq, b, k * b)
+
+
+@pytest.mark.parametrize("b_simple, resolved", [(300.0, True), (1000.0, False)])
+def test_interval_covers_the_true_noise_scale_95_percent_of_the_time(b_simple, resolved):
+    """400 seeded runs of 25 measurements (k = 8 batches of 64, β = 0.9, as the lab grid
+    measures) of a Gaussian with known B_simple. At 300 (< B_big = 512) |G|² is resolved
+    and every interval is defined; at 1000 single |G|² estimates have a relative error
+    above 1 and some runs have none (|G|² not significantly positive: nothing logged)."""
+    rng = np.random.default_rng(11 if resolved else 12)
+    g2, trace = simulated_measurements(rng, 400, 25, d=20, k=8, b=64, b_simple=b_simple)
+    intervals = [b_simple_interval(g2[i], trace[i], beta=0.9) for i in range(400)]
+    defined = [iv for iv in intervals if iv is not None]
+    covered = sum(low <= b_simple <= high for low, high in defined)
+    assert all(0 <= low <= high for low, high in defined)
+    print(f"B_simple {b_simple:g}: {len(defined)} of 400 defined, {covered} cover it")
+    if resolved:
+        assert len(defined) == 400 and 0.90 <= covered / 400 <= 0.99
+    else:
+        assert 300 <= len(defined) < 400 and 0.90 <= covered / len(defined) <= 0.99
+    # Each interval holds its own point estimate, the EMA's ratio.
+    for i in range(5):
+        ema = NoiseScaleEMA(0.9)
+        for a, t in zip(g2[i], trace[i]):
+            ema.update(a, t)
+        if ema.interval() is not None:
+            low, high = ema.interval()
+            assert low <= ema.b_simple <= high and ema.interval() == intervals[i]
+
+
+def test_t_quantile_agrees_with_scipy():
+    from scipy.special import stdtrit
+
+    from contract.noise import t_quantile
+
+    for df in (1.0, 1.98, 2.0, 3.7, 18.9, 200.0):
+        for p in (0.9, 0.975, 0.995):
+            assert t_quantile(p, df) == pytest.approx(stdtrit(df, p), rel=1e-9)
+
+
+def test_interval_is_left_out_where_it_is_undefined():
+    assert b_simple_interval([1.0, 1.1], [100.0, 90.0], beta=0.9) is None  # two measurements
+    assert b_simple_interval([-1.0, 0.5, 0.2], [100.0, 90.0, 95.0], beta=0.9) is None  # mean |G|² ≤ 0
+    assert b_simple_interval([0.01, -0.5, 0.6, -0.1], [100.0, 90.0, 95.0, 99.0], beta=0.9) is None  # not > 0
+    assert b_simple_interval([1.0, 1.1, 0.9], [100.0, 90.0, 95.0], beta=0.0) is None  # one effective
+    low, high = b_simple_interval([1.0, 1.1, 0.9, 1.0], [100.0, 90.0, 95.0, 101.0], beta=0.9)
+    assert 0 < low < 96 < high < 200
+    # The schedule writes no interval until it is defined, and puts the last one in run.json.
+    schedule = NoiseSchedule(NoiseSettings(every_examples=10, small_batch=4, batches=2), examples=100,
+                             batch_size=10, seed=0)
+    for step, (small, big) in enumerate([(2.0, 1.5), (2.1, 1.6), (1.9, 1.45), (2.0, 1.5)], start=1):
+        schedule.plan(step)
+        schedule.record(step, [small], [big], [0.5])
+        epoch = schedule.epoch_values(0, 0.1)
+        tags = {layout_tag: v for layout_tag, v in epoch.items() if v is not None}
+        assert (PREFIX + "epoch_b_simple_low" in tags) == (step >= 3)
+        assert (PREFIX + "epoch_b_simple_high" in tags) == (step >= 3)
+    summary = schedule.summary()
+    assert summary["b_simple_low"] <= summary["b_simple"] <= summary["b_simple_high"]
+    assert summary["interval"]["level"] == 0.95 and summary["interval"]["method"] == "fieller"
+
+
+@pytest.mark.parametrize("examples", [60000, 54000, 12345])
+def test_every_batch_size_gets_the_same_measurements_per_epoch(examples):
+    counts = {bs: len(due_steps(12_800, examples, bs)) for bs in (32, 64, 128, 256, 512, 1024)}
+    assert len(set(counts.values())) == 1, counts
+    assert counts[64] == -(-examples // 12_800)  # ⌈examples / every⌉: the multiples below it, and the end
+    steps = due_steps(12_800, 60000, 1024)
+    assert steps == (13, 25, 38, 50, 59)  # the first step at or after 12800·m examples, and the epoch's end
+    assert due_steps(100_000, 60000, 64) == (938,)  # more than an epoch: epoch ends only
 
 
 def test_roughness_is_the_std_of_step_differences():
@@ -156,13 +243,18 @@ def test_smoke_runs_log_finite_gradient_noise_scalars(smoke):
         run_dir = exp_dir / exp.run_name(spec)
         manifest = json.loads((run_dir / "run.json").read_text())
         settings = manifest["gradient_noise"]
-        assert settings["every"] == exp.gradient_noise.every and settings["measurements"] >= spec.epochs
+        assert settings["every_examples"] == exp.gradient_noise.every_examples
+        assert settings["measurements"] == spec.epochs * settings["measurements_per_epoch"]
+        assert {"b_simple", "b_simple_low", "b_simple_high", "interval"} <= set(settings)
         df = SummaryReader(str(run_dir / "train")).tensors
         grad = df[df["tag"].str.startswith(PREFIX)]
         assert np.isfinite(grad["value"]).all()
         tags = set(grad["tag"].str.removeprefix(PREFIX))
-        assert set(STEP_TAGS) - {"b_simple"} <= tags and set(EPOCH_TAGS) - {"epoch_b_simple"} <= tags
-        for tag in EPOCH_TAGS[1:]:
+        # B_simple may be undefined; its interval is, after the one measurement of a smoke run.
+        interval = {NOISE_EPOCH_B_LOW, NOISE_EPOCH_B_HIGH}
+        assert settings["b_simple_low"] is None and not tags & interval
+        assert set(STEP_TAGS) - {"b_simple"} <= tags and set(EPOCH_TAGS) - {"epoch_b_simple"} - interval <= tags
+        for tag in set(EPOCH_TAGS[1:]) - interval:
             assert sorted(grad.loc[grad["tag"] == PREFIX + tag, "step"]) == list(range(spec.epochs))
         # The in-graph roughness is the std of the logged step losses' differences, epoch by epoch.
         steps_per_epoch = manifest["steps"] // manifest["epochs_completed"]
@@ -266,3 +358,120 @@ def test_bad_target_loss_is_refused(fixture_logs, tmp_path, capsys):
 
     assert main(["--logdir", str(fixture_logs), "--out", str(tmp_path), "--target-loss", "-1"]) == 2
     assert "--target-loss -1.0 is not valid" in capsys.readouterr().err
+
+
+# --- when the trainer measures, and what it refuses ----------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("[gradient_noise]\nevery = 200\n", ["[gradient_noise] every", "every_examples = 12800", "examples"]),
+    ("[gradient_noise]\nevery_examples = 0\n", ["[gradient_noise] every_examples", "positive integer"]),
+    ("[gradient_noise]\nsmall_batch = 0\n", ["[gradient_noise] small_batch", "positive integer"]),
+    ("[data]\nlimit = 1000\nvalidation = 0.5\n[gradient_noise]\nbatches = 16\nsmall_batch = 64\n",
+     ["[gradient_noise]", "16 × 64 = 1024", "500 training examples left by [data] limit = 1000", "NOISE=0"]),
+])
+def test_noise_settings_that_cannot_work_are_refused_at_load(text, expected, tmp_path, capsys):
+    from trainer.cli import main
+
+    path = tmp_path / "exp.toml"
+    path.write_text(text)
+    assert main(["--experiment", str(path), "--logdir", str(tmp_path / "logs")]) == 2
+    err = capsys.readouterr().err
+    for piece in expected:
+        assert piece in err, (piece, err)
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_limit_below_the_probe_is_refused_naming_every_fix(tmp_path, capsys):
+    """`make train EXPERIMENT=smoke LIMIT=500`: refused before the data is read."""
+    from trainer.cli import main
+
+    assert main(["--experiment", "smoke", "--limit", "500", "--logdir", str(tmp_path / "logs")]) == 2
+    err = capsys.readouterr().err
+    for piece in ("--limit 500 (LIMIT= with make)", "at least 512", "[gradient_noise] batches or small_batch",
+                  "NOISE=0", "--no-gradient-noise"):
+        assert piece in err, (piece, err)
+    assert not (tmp_path / "logs").exists()
+    # Without the probe the same limit is fine as far as loading goes.
+    from trainer.spec import load_experiment
+
+    exp = load_experiment("smoke", limit=500, gradient_noise=False)
+    assert not exp.gradient_noise.enabled
+
+
+@pytest.mark.slow
+def test_data_smaller_than_the_probe_is_refused_before_any_folder(tmp_path, synthetic_npz, capsys):
+    from trainer.cli import main
+
+    path = tmp_path / "big.toml"
+    path.write_text("[data]\nvalidation = 'test'\n[run]\nepochs = 1\n[gradient_noise]\nbatches = 8\nsmall_batch = 256\n")
+    assert main(["--experiment", str(path), "--data", str(synthetic_npz), "--logdir", str(tmp_path / "logs")]) == 2
+    err = capsys.readouterr().err
+    assert "8 × 256 = 2048" in err and "1200 training examples of the data" in err and "NOISE=0" in err
+    assert not (tmp_path / "logs").exists()
+
+
+def _gradient_steps(run_dir):
+    from tbparse import SummaryReader
+
+    df = SummaryReader(str(run_dir / "train")).tensors
+    return {tag.removeprefix(PREFIX): sorted(g["step"]) for tag, g in df.groupby("tag") if tag.startswith(PREFIX)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["fused", "keras"])
+def test_measurements_fall_on_the_steps_the_examples_give(engine, tmp_path, synthetic_npz):
+    """1200 examples at batch 64 (19 steps an epoch), every 320 examples: due at steps 5,
+    10, 15 and 19 of each epoch. The fused engine cuts its chunks of 8 steps there; Keras,
+    called back every 8 steps, measures at the first callback at or after each."""
+    from trainer.cli import main
+
+    path = tmp_path / f"{engine}.toml"
+    path.write_text(textwrap.dedent(f"""
+        [data]
+        validation = "test"
+        [run]
+        hidden = [16]
+        epochs = 2
+        batch_size = 64
+        [grid]
+        batch_norm = [false, true]
+        [execution]
+        steps_per_execution = 8
+        engine = "{engine}"
+        [gradient_noise]
+        every_examples = 320
+        batches = 4
+        small_batch = 32
+    """))
+    assert main(["--experiment", str(path), "--data", str(synthetic_npz), "--logdir", str(tmp_path)]) == 0
+    want = [5, 10, 15, 19, 24, 29, 34, 38] if engine == "fused" else [8, 16, 19, 27, 35, 38]
+    for run in sorted(p for p in (tmp_path / engine).iterdir() if p.is_dir() and not p.name.startswith(".")):
+        steps = _gradient_steps(run)
+        assert steps["G2"] == want and steps["epoch_b_simple"] == [0, 1]
+        assert steps["cosine"] == [19, 38]  # its training-size batch is taken at epoch ends only
+        manifest = json.loads((run / "run.json").read_text())
+        assert manifest["gradient_noise"]["measurements"] == len(want)
+        assert manifest["gradient_noise"]["measurements_per_epoch"] == 4
+        assert manifest["steps"] == 38
+
+
+@pytest.mark.slow
+def test_no_gradient_noise_trains_without_the_probe_and_switching_retrains(tmp_path, synthetic_npz, capsys):
+    from trainer.cli import main
+
+    args = ["--experiment", "smoke", "--data", str(synthetic_npz), "--logdir", str(tmp_path)]
+    assert main(args + ["--no-gradient-noise"]) == 0
+    runs = sorted(p for p in (tmp_path / "smoke").iterdir() if p.is_dir() and not p.name.startswith("."))
+    for run in runs:
+        manifest = json.loads((run / "run.json").read_text())
+        assert manifest["config"]["gradient_noise"]["enabled"] is False and "gradient_noise" not in manifest
+        assert _gradient_steps(run) == {}
+    capsys.readouterr()
+    assert main(args) == 0  # the probe back on: a different config, so every run trains again
+    out = capsys.readouterr().out
+    assert "skipped" not in out and out.count(": complete") == len(runs)
+    for run in runs:
+        assert json.loads((run / "run.json").read_text())["config"]["gradient_noise"]["enabled"] is True
+        assert _gradient_steps(run)["G2"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("already complete, skipped") == len(runs)

@@ -241,7 +241,7 @@ def test_fused_and_keras_engines_log_the_same_layout(tmp_path, synthetic_npz):
             steps_per_execution = 8
             engine = "{engine}"
             [gradient_noise]
-            every = 10
+            every_examples = 640
         """))
         assert main(["--experiment", str(path), "--data", str(synthetic_npz), "--logdir", str(tmp_path)]) == 0
         exp_dir = tmp_path / engine

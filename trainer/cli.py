@@ -10,7 +10,7 @@ from pathlib import Path
 from contract.stderr import quietly
 from trainer import interrupt
 from trainer.executors import EXECUTORS
-from trainer.spec import DATASETS, ExperimentError, list_presets, load_experiment
+from trainer.spec import DATASETS, ExperimentError, check_noise_fits_limit, list_presets, load_experiment
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -31,6 +31,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "1 or 2 also shows TensorFlow's start-up lines")
     parser.add_argument("--confirm-large", action="store_true", help="allow grids over the run limit")
     parser.add_argument("--no-download", action="store_true", help="never let keras download a dataset")
+    parser.add_argument("--no-gradient-noise", action="store_true",
+                        help="train without the gradient-noise probe, whatever [gradient_noise] enabled says "
+                             "(recorded in each run's config: switching it retrains the runs)")
     run = parser.add_argument_group("where runs execute")
     run.add_argument("--executor", choices=EXECUTORS, default="local",
                      help="local: this machine (default); ray: one Ray task per run")
@@ -95,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         experiment = load_experiment(
             args.experiment, dataset=args.dataset, epochs=args.epochs, limit=args.limit,
-            data_path=args.data_path, confirm_large=args.confirm_large)
+            data_path=args.data_path, confirm_large=args.confirm_large,
+            gradient_noise=False if args.no_gradient_noise else None)
+        check_noise_fits_limit(experiment)
     except ExperimentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

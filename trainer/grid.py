@@ -16,7 +16,7 @@ from trainer.as_run import as_run_text
 from trainer.events import write_hparams_config
 from trainer.executors import EXECUTORS, Task, run_local, run_ray, share_dataset
 from trainer.manifest import DISK_ERRORS, is_reusable, run_config, write_json_atomic
-from trainer.spec import Experiment, ExperimentError
+from trainer.spec import Experiment, ExperimentError, noise_fix
 
 
 class LogDirError(Exception):
@@ -65,15 +65,17 @@ def check_writable(folder: Path) -> None:
 
 def check_fits(experiment: Experiment, train_examples: int, out: TextIO) -> None:
     """Refuse settings the data cannot serve (ExperimentError, before anything is written);
-    warn about batch sizes that make every step a full pass over the data."""
+    warn about batch sizes that make every step a full pass over the data, and about a
+    measurement interval the epoch never reaches."""
     noise = experiment.gradient_noise
-    if noise.enabled and noise.big_batch > train_examples:
-        raise ExperimentError(
-            f"[gradient_noise] measures with batches × small_batch = {noise.batches} × {noise.small_batch} = "
-            f"{noise.big_batch} training examples at once, but the data has {train_examples}"
-            f"{' (--limit ' + str(experiment.limit) + ')' if experiment.limit else ''}. Raise the limit to at "
-            f"least {noise.big_batch} (LIMIT= with make), lower [gradient_noise] small_batch or batches, or "
-            "turn it off with [gradient_noise] enabled = false")
+    if noise.enabled:
+        limit = f" (--limit {experiment.limit})" if experiment.limit else ""
+        if noise.big_batch > train_examples:
+            raise ExperimentError(noise_fix(noise, train_examples, f"the {train_examples} training examples "
+                                                                   f"of the data{limit}"))
+        if noise.every_examples >= train_examples:
+            print(f"note: [gradient_noise] every_examples = {noise.every_examples} ≥ the {train_examples} "
+                  "training examples: the noise scale is measured at epoch ends only", file=out, flush=True)
     full = sorted({s.batch_size for s in experiment.runs if s.batch_size >= train_examples})
     if full:
         print(f"warning: batch size {', '.join(map(str, full))} ≥ the {train_examples} training examples: each "

@@ -42,9 +42,7 @@ class GradientProbe:
         def gradient(x, y):
             return flat_gradient(*weights(), x, y)
 
-        @tf.function(reduce_retracing=True)
-        def measure(xs, ys, x_one, y_one):
-            trainable, non_trainable = weights()
+        def small_batches(trainable, non_trainable, xs, ys):
             k = tf.shape(xs)[0]
             total = tf.zeros([size], tf.float64)
             squares = tf.constant(0.0, tf.float64)
@@ -53,19 +51,34 @@ class GradientProbe:
                 total += g
                 squares += tf.reduce_sum(g * g)
             big = total / tf.cast(k, tf.float64)
+            return squares / tf.cast(k, tf.float64), big
+
+        @tf.function(reduce_retracing=True)
+        def measure(xs, ys, x_one, y_one):
+            trainable, non_trainable = weights()
+            small_sq, big = small_batches(trainable, non_trainable, xs, ys)
             one = flat_gradient(trainable, non_trainable, x_one, y_one)
             cosine = tf.reduce_sum(one * big) / (tf.norm(one) * tf.norm(big))
-            return squares / tf.cast(k, tf.float64), tf.reduce_sum(big * big), cosine
+            return small_sq, tf.reduce_sum(big * big), cosine
 
-        self._gradient, self._measure = gradient, measure
+        @tf.function(reduce_retracing=True)
+        def measure_noise(xs, ys):
+            small_sq, big = small_batches(*weights(), xs, ys)
+            return small_sq, tf.reduce_sum(big * big)
+
+        self._gradient, self._measure, self._measure_noise = gradient, measure, measure_noise
 
     def gradient(self, x, y) -> np.ndarray:
         """The flat gradient (float64) of the mean loss over the batch (x, y)."""
         return self._gradient(x, y).numpy()
 
-    def measure(self, xs, ys, x_one, y_one) -> tuple[float, float, float]:
+    def measure(self, xs, ys, x_one=None, y_one=None) -> tuple[float, float, float | None]:
         """From k stacked small batches (xs: k×B_small×…) and one batch of the run's size:
-        (|G_small|² averaged over the k, |G_big|² of their mean, cosine(one, big))."""
+        (|G_small|² averaged over the k, |G_big|² of their mean, cosine(one, big)); the
+        cosine None without the one batch."""
+        if x_one is None:
+            small_sq, big_sq = self._measure_noise(xs, ys)
+            return float(small_sq), float(big_sq), None
         small_sq, big_sq, cosine = self._measure(xs, ys, x_one, y_one)
         return float(small_sq), float(big_sq), float(cosine)
 
@@ -105,13 +118,14 @@ class LossDiffs:
 
 
 class GradientNoise(keras.callbacks.Callback):
-    """Measures the noise scale on `contract.noise.NoiseSchedule`'s schedule (every
-    `settings.every` steps and at each epoch end) and writes the `gradient/` scalars to
-    the train writer.
+    """Measures the noise scale on `contract.noise.NoiseSchedule`'s schedule (each time
+    an epoch has seen another `settings.every_examples` examples, and at each epoch end)
+    and writes the `gradient/` scalars to the train writer.
 
     With several steps per execution Keras calls back once per execution, so a
-    measurement lands on the first callback at or after each multiple of K; the logged
-    step is the exact global step the weights were at.
+    measurement lands on the first callback at or after each due step (two due within
+    one execution give one measurement); the logged step is the exact global step the
+    weights were at.
     """
 
     def __init__(self, settings, *, x, y, batch_size: int, loss: str, seed: int, writer):
@@ -139,7 +153,8 @@ class GradientNoise(keras.callbacks.Callback):
         s = self.schedule.settings
         xs = self.x[rows.ravel()].reshape((s.batches, s.small_batch) + self.x.shape[1:])
         ys = self.y[rows.ravel()].reshape((s.batches, s.small_batch) + self.y.shape[1:])
-        small_sq, big_sq, cosine = self.probe.measure(xs, ys, self.x[one], self.y[one])
+        x_one, y_one = (self.x[one], self.y[one]) if len(one) else (None, None)
+        small_sq, big_sq, cosine = self.probe.measure(xs, ys, x_one, y_one)
         (values,) = self.schedule.record(step, [small_sq], [big_sq], [cosine])
         write_scalars(self.writer, values, step)
 

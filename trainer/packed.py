@@ -144,8 +144,11 @@ def train_pack(experiment: Experiment, specs: list[RunSpec], data: Dataset, run_
         for epoch in range(first.epochs):
             idx, counts = _batches(len(data.x_train), first.batch_size, first.seed, epoch)
             epoch_losses, loss_sum, right_sum = [], np.zeros(m), np.zeros(m)
-            for s in range(0, steps_per_epoch, chunk):
-                n = min(chunk, steps_per_epoch - s)
+            s = 0
+            while s < steps_per_epoch:
+                # A chunk ends where a measurement is due, so the probe sees the weights of
+                # exactly that step (contract.noise.NoiseSchedule); the steps are the same.
+                n = min(chunk, steps_per_epoch - s, noise.steps_to_due(steps_done) if noise is not None else chunk)
                 last = s + n == steps_per_epoch
                 part_idx = np.zeros((chunk, first.batch_size), np.int32)
                 part_idx[:n] = idx[s:s + n]
@@ -169,6 +172,7 @@ def train_pack(experiment: Experiment, specs: list[RunSpec], data: Dataset, run_
                     interrupt.check()
                 if not any(alive):
                     break
+                s += n
             if not any(alive):
                 break
             n_train = len(data.x_train)

@@ -128,6 +128,9 @@ _TABLE_KEYS = {
     "execution": {"steps_per_execution", "engine", "pack"},
     "gradient_noise": set(NOISE_FIELDS),
 }
+# [gradient_noise] every (steps) is gone: it gave a batch-1024 run 16× fewer measurements.
+_EVERY_GONE = ("was replaced by every_examples, counted in training examples so that every batch size gets "
+               "the same measurements per epoch: e.g. every_examples = 12800 (every 200 steps at batch 64)")
 
 
 def resolve_experiment_path(name_or_path: str) -> Path:
@@ -158,8 +161,10 @@ def load_experiment(
     limit: int | None = None,
     data_path: str | None = None,
     confirm_large: bool = False,
+    gradient_noise: bool | None = None,
 ) -> Experiment:
-    """Read, validate and expand an experiment file; overrides come from the command line."""
+    """Read, validate and expand an experiment file; overrides come from the command line
+    (`gradient_noise=False`: --no-gradient-noise, the probe off whatever the file says)."""
     path = resolve_experiment_path(name_or_path)
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -170,6 +175,7 @@ def load_experiment(
     checker = _Checker(path)
     exp = checker.experiment(doc, path.stem, overrides={
         "dataset": dataset, "epochs": epochs, "limit": limit, "path": data_path,
+        "gradient_noise": gradient_noise,
     }, confirm_large=confirm_large)
     checker.raise_if_any()
     assert exp is not None
@@ -203,9 +209,13 @@ class _Checker:
                 self.fail(table, f"must be a table ([{table}]), got {type(doc[table]).__name__}")
         tables = {t: doc.get(t, {}) if isinstance(doc.get(t, {}), dict) else {} for t in _TABLE_KEYS}
         for table, keys in _TABLE_KEYS.items():
+            gone = {"every"} if table == "gradient_noise" else set()
             for key in tables[table]:
-                if key not in keys:
-                    self.fail(f"[{table}] {key}", f"unknown key{_suggest(key, keys)}; valid keys: {', '.join(sorted(keys))}")
+                if key in gone:
+                    self.fail(f"[{table}] {key}", _EVERY_GONE)
+                elif key not in keys:  # a typo of "every" is pointed to its replacement
+                    close = _suggest(key, keys | gone).replace("'every'", "'every_examples'")
+                    self.fail(f"[{table}] {key}", f"unknown key{close}; valid keys: {', '.join(sorted(keys))}")
 
         if not _NAME_RE.fullmatch(name):
             self.fail("file name", f"{name!r} names the log folder, so it must be 1–100 letters, digits, "
@@ -235,6 +245,8 @@ class _Checker:
         pack = self.positive_int("[execution] pack", tables["execution"].get("pack", 8))
 
         noise = self.noise_settings(tables["gradient_noise"])
+        if overrides.get("gradient_noise") is False:  # --no-gradient-noise
+            noise = dataclasses.replace(noise, enabled=False)
 
         base = self.run_fields("[run]", tables["run"], single=True)
         grid_doc = dict(tables["grid"])
@@ -279,7 +291,7 @@ class _Checker:
         if not isinstance(enabled, bool):
             self.fail("[gradient_noise] enabled", f"must be true or false, got {enabled!r}")
         ints = {k: self.positive_int(f"[gradient_noise] {k}", table.get(k, getattr(default, k)))
-                for k in ("every", "small_batch", "batches")}
+                for k in ("every_examples", "small_batch", "batches")}
         if ints["batches"] is not _BAD and ints["batches"] < 2:
             self.fail("[gradient_noise] batches", "needs at least 2 small batches to compare two batch sizes")
         beta = table.get("beta", default.beta)
@@ -383,6 +395,35 @@ class _Checker:
 
 
 _BAD = object()
+
+
+def check_noise_fits_limit(experiment: Experiment) -> None:
+    """ExperimentError when the gradient-noise probe's big batch cannot fit in the training
+    examples the experiment's limit leaves (at most `limit`, less the validation split when
+    that is a fraction): the trainer's command line refuses it before TensorFlow or the
+    data are loaded; `trainer.grid.check_fits` checks the data itself."""
+    noise, limit = experiment.gradient_noise, experiment.limit
+    if not noise.enabled or limit is None:
+        return
+    validation = experiment.validation
+    train = limit if validation == "test" else limit - max(1, int(round(limit * float(validation))))
+    if noise.big_batch > train:
+        where = (f"--limit {limit} (LIMIT= with make)" if "limit" in experiment.overrides
+                 else f"[data] limit = {limit}")
+        raise ExperimentError(f"{experiment.source}: [gradient_noise]: "
+                              + noise_fix(noise, train, f"the {train} training examples left by {where}"))
+
+
+def noise_fix(noise: NoiseSettings, examples: int, what: str) -> str:
+    """Why the gradient-noise probe cannot run on `examples` training examples, and the
+    ways out (also used by `trainer.grid.check_fits`)."""
+    return (f"the gradient-noise probe takes batches × small_batch = {noise.batches} × {noise.small_batch} = "
+            f"{noise.big_batch} training examples at once, more than {what}. Raise the limit to at least "
+            f"{noise.big_batch} (LIMIT= with make, --limit), lower [gradient_noise] batches or small_batch "
+            f"(their product at most {examples}), or train without the probe: NOISE=0 with make, "
+            "--no-gradient-noise, or [gradient_noise] enabled = false")
+
+
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
 
 
