@@ -26,10 +26,11 @@ ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu", "selu", "gelu", "swish", "softp
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad", "nadam")
 LOSSES = ("sparse_categorical_crossentropy", "categorical_crossentropy")
 DATASETS = ("mnist", "fashion_mnist")
-# How runs train: "fused" packs runs that share their data order into one XLA program
-# (trainer.packed); "keras" is one `model.fit` per run. Runs the fused engine cannot
-# express (a CNN, one-hot labels) always use "keras".
-ENGINES = ("fused", "keras")
+# How runs train: "fused" packs runs that share their data order (trainer.packed), and what
+# it cannot express (a CNN, one-hot labels) goes to "compiled", one run per program
+# (trainer.compiled); "compiled" for every run; "keras" is one `model.fit` per run.
+ENGINES = ("fused", "keras", "compiled")
+PRECISIONS = ("float32", "bfloat16")  # bfloat16: mixed (float32 weights), compiled engine
 FUSED_ARCHITECTURES = ("mlp", "linear")
 FUSED_LOSSES = ("sparse_categorical_crossentropy",)
 # Keras initializer names that take a seed; the documents' words map onto them.
@@ -74,6 +75,7 @@ class Experiment:
     data_path: str | None = None
     steps_per_execution: int = 1
     engine: str = "fused"
+    precision: str = "float32"
     pack: int = 8           # the most runs the fused engine trains together
     gradient_noise: NoiseSettings = NoiseSettings()
     grid_axes: tuple[str, ...] = ()
@@ -90,10 +92,14 @@ class Experiment:
         return re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(parts))
 
     def engine_of(self, spec: RunSpec) -> str:
-        """The engine that trains `spec`: this experiment's, unless only Keras can."""
-        if self.engine == "fused" and spec.architecture in FUSED_ARCHITECTURES and spec.loss in FUSED_LOSSES:
+        """The engine that trains `spec`: "keras" if asked for; "fused" where it can (an MLP
+        or linear model with integer labels, in float32); else "compiled"."""
+        if self.engine == "keras":
+            return "keras"
+        if self.engine == "fused" and self.precision == "float32" and spec.architecture in FUSED_ARCHITECTURES \
+                and spec.loss in FUSED_LOSSES:
             return "fused"
-        return "keras"
+        return "compiled"
 
     def packs(self, indices: list[int]) -> list[tuple[int, ...]]:
         """The grid positions `indices` grouped into packs of at most `pack` runs that train
@@ -125,7 +131,7 @@ _TABLE_KEYS = {
     "data": {"dataset", "validation", "limit", "path"},
     "run": set(RUN_FIELDS),
     "grid": set(RUN_FIELDS) | {"repeats"},
-    "execution": {"steps_per_execution", "engine", "pack"},
+    "execution": {"steps_per_execution", "engine", "pack", "precision"},
     "gradient_noise": set(NOISE_FIELDS),
 }
 # [gradient_noise] every (steps) is gone: it gave a batch-1024 run 16× fewer measurements.
@@ -243,6 +249,9 @@ class _Checker:
                                 tables["execution"].get("steps_per_execution", 1))
         engine = self.choice("[execution] engine", tables["execution"].get("engine", "fused"), ENGINES)
         pack = self.positive_int("[execution] pack", tables["execution"].get("pack", 8))
+        precision = self.choice("[execution] precision", tables["execution"].get("precision", "float32"), PRECISIONS)
+        if engine == "keras" and precision not in ("float32", _BAD):
+            self.fail("[execution] precision", f'{precision!r} needs engine "fused" or "compiled" (keras: float32)')
 
         noise = self.noise_settings(tables["gradient_noise"])
         if overrides.get("gradient_noise") is False:  # --no-gradient-noise
@@ -281,8 +290,8 @@ class _Checker:
             name=name, source=str(self.path), title=strings["title"] or name, author=strings["author"],
             id=strings["id"], date=date, template=template, objective=strings["objective"],
             dataset=dataset, validation=validation, limit=limit, data_path=data_path or None,
-            steps_per_execution=spe, engine=engine, pack=pack, gradient_noise=noise, grid_axes=tuple(names),
-            runs=tuple(dict.fromkeys(runs)), overrides=given_overrides(overrides),
+            steps_per_execution=spe, engine=engine, pack=pack, precision=precision, gradient_noise=noise,
+            grid_axes=tuple(names), runs=tuple(dict.fromkeys(runs)), overrides=given_overrides(overrides),
         )
 
     def noise_settings(self, table: dict) -> NoiseSettings:
