@@ -142,7 +142,7 @@ def test_chunks_of_steps_train_as_single_steps(data):
 def test_validation_matches_keras_evaluate(trained, data):
     from trainer.compiled import tensors
 
-    name, spec, program, _, _, weights, (model, _, _, labels) = trained
+    _, _, program, _, _, weights, (model, _, _, labels) = trained
     x, y = data
     for w, value in zip(program.model.weights, weights):
         w.assign(value)
@@ -160,7 +160,7 @@ def test_gradient_probe_matches_the_keras_engine_probe(trained, data):
     from trainer.compiled import tensors
     from trainer.noise_probe import GradientProbe
 
-    name, spec, program, _, _, weights, (model, _, _, labels) = trained
+    _, spec, program, _, _, weights, (model, _, _, labels) = trained
     x, y = data
     for w, ref, value in zip(program.model.weights, model.weights, weights):
         w.assign(value)
@@ -171,6 +171,9 @@ def test_gradient_probe_matches_the_keras_engine_probe(trained, data):
     ref = GradientProbe(model, spec.loss).measure(x[:128].reshape((4, 32) + SHAPE), labels[:128].reshape(
         (4, 32) + labels.shape[1:]), x[200:232], labels[200:232])
     np.testing.assert_allclose(got, ref, rtol=1e-4)
+    no_cosine = program.probe(t, rows, np.zeros(0, np.int32))  # the schedule's measurements within an epoch
+    np.testing.assert_allclose(no_cosine[:2], ref[:2], rtol=1e-4)
+    assert math.isnan(no_cosine[2])
     before = [w.numpy() for w in program.model.weights]
     program.probe(t, rows, one)
     for b, w in zip(before, program.model.weights):  # the probe changes nothing (batch-norm statistics too)
