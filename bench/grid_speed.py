@@ -1,25 +1,32 @@
 """Benchmark: the documents' plain `model.fit` loop against our trainer, same grid, same machine.
 
-    python -m bench.grid_speed                  # the lab grid (long: both sides train all 30 runs)
-    python -m bench.grid_speed --quick          # the lab grid on 6,000 images for 2 epochs
+    python -m bench.grid_speed                                  # the lab grid (long: both sides train every run)
+    python -m bench.grid_speed --quick                          # the lab grid on 6,000 images for 2 epochs
+    python -m bench.grid_speed --experiment batch-noise-cnn --dataset fashion_mnist
+    python -m bench.grid_speed --precision bfloat16             # ours in mixed bfloat16, plain in float32
 
 The documents' way: one process, default threads, runs one after another, each a plain
-`keras.Model` compiled with defaults and fitted with `keras.callbacks.TensorBoard`.
-Ours: `python -m trainer` as `make train` runs it (the fused engine: the runs that share
-a data order trained as one XLA program, exact per-step losses, gradient-noise
-measurement on as in the experiment file; `--workers` as given, default 1). Both start as fresh
-processes, so both pay TensorFlow's start-up. The last line is `speedup: <ratio>x`.
+`keras.Model` compiled with defaults and fitted with `keras.callbacks.TensorBoard`; a
+fractional validation set is `fit(validation_split=…)` on the whole training set, as the
+documents write it (so Keras validates at the run's batch size), and document 000's CNN
+is its own `keras.Sequential` on 28×28×1 images. Ours: `python -m trainer` as `make
+train` runs it (the fused engine for MLPs with integer labels, the compiled engine for
+the rest; exact per-step losses, gradient-noise measurement on as in the experiment file;
+`--workers` as given, default 1). Both start as fresh processes, so both pay TensorFlow's
+start-up. The last line is `speedup: <ratio>x`.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 from contract.layout import COMPLETE, RUN_MANIFEST
@@ -27,58 +34,98 @@ from contract.stderr import quietly
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = {"limit": 6000, "epochs": 2}
+PRECISIONS = ("float32", "bfloat16")
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench.grid_speed", description=__doc__.splitlines()[0])
     p.add_argument("--experiment", default="lab")
+    p.add_argument("--dataset", help="override [data] dataset on both sides (mnist, fashion_mnist)")
     p.add_argument("--quick", action="store_true", help=f"reduced variant: {QUICK}")
+    p.add_argument("--epochs", type=int, help="override the epochs of every run, both sides")
+    p.add_argument("--limit", type=int, help="only the first N training and test images, both sides")
     p.add_argument("--workers", type=int, default=1, help="our side's --workers (default 1, as make train)")
     p.add_argument("--data", help="as for the trainer: a .npz or IDX folder")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="our side's [execution] precision (default: the experiment file's); the plain side is float32")
     p.add_argument("--baseline-into", help=argparse.SUPPRESS)  # internal: run the plain side here
     return p.parse_args(argv)
 
 
-def load(args):
+def overrides(args) -> dict:
+    """--quick, --epochs and --limit as load_experiment's keywords (the last two win)."""
+    extra = dict(QUICK) if args.quick else {}
+    extra.update({k: v for k, v in (("epochs", args.epochs), ("limit", args.limit)) if v is not None})
+    return extra
+
+
+def load(args, path: str | None = None):
     from trainer.spec import load_experiment
 
-    extra = QUICK if args.quick else {}
-    return load_experiment(args.experiment, data_path=args.data, **extra)
+    return load_experiment(path or args.experiment, data_path=args.data, dataset=args.dataset, **overrides(args))
+
+
+def document_cnn(spec):
+    """Document 000's model, as its code builds it (`build_model()` there)."""
+    import keras
+    from keras import layers
+
+    model = keras.Sequential([
+        keras.Input(shape=(28, 28, 1)),
+        layers.Conv2D(32, 3, activation=spec.activation),
+        layers.MaxPooling2D(),
+        layers.Flatten(),
+        *[layers.Dense(units, activation=spec.activation) for units in spec.hidden],
+        layers.Dense(10, activation="softmax"),
+    ])
+    return model
 
 
 def baseline(args) -> None:
     """The documents' loop; writes {run: {val_loss, val_accuracy, seconds}} as JSON."""
     import keras
+    import numpy as np
 
     from trainer import data as datasets
     from trainer.models import build_model, make_optimizer
 
     exp = load(args)
     data = datasets.load(exp.dataset, validation=exp.validation, limit=exp.limit, path=exp.data_path)
+    if exp.validation == "test":
+        x, y, validation = data.x_train, data.y_train, {"validation_data": (data.x_val, data.y_val)}
+    else:  # the whole training set and validation_split, as the documents call fit
+        x, y = np.concatenate([data.x_train, data.x_val]), np.concatenate([data.y_train, data.y_val])
+        validation = {"validation_split": exp.validation}
     out, logroot = {}, Path(args.baseline_into)
     for spec in exp.runs:
         name = exp.run_name(spec)
         t0 = time.perf_counter()
         keras.utils.set_random_seed(spec.seed)
-        graph = build_model(spec, input_shape=data.x_train.shape[1:], classes=10)
-        model = keras.Model(graph.inputs, graph.outputs)  # a plain model: no in-graph step losses
+        if spec.architecture == "cnn" and not spec.batch_norm:
+            model, xs = document_cnn(spec), x.reshape(-1, 28, 28, 1)
+        else:
+            graph = build_model(spec, input_shape=data.x_train.shape[1:], classes=10)
+            model, xs = keras.Model(graph.inputs, graph.outputs), x  # a plain model: no in-graph step losses
+        labels = keras.utils.to_categorical(y, 10) if spec.loss == "categorical_crossentropy" else y
+        val = validation
+        if "validation_data" in val and spec.loss == "categorical_crossentropy":
+            val = {"validation_data": (data.x_val, keras.utils.to_categorical(data.y_val, 10))}
         model.compile(optimizer=make_optimizer(spec), loss=spec.loss, metrics=["accuracy"])
-        history = model.fit(data.x_train, data.y_train, batch_size=spec.batch_size, epochs=spec.epochs,
-                            validation_data=(data.x_val, data.y_val), verbose=0,
+        history = model.fit(xs, labels, batch_size=spec.batch_size, epochs=spec.epochs, verbose=0, **val,
                             callbacks=[keras.callbacks.TensorBoard(log_dir=str(logroot / "tb" / name))])
         out[name] = {"val_loss": history.history["val_loss"][-1],
                      "val_accuracy": history.history["val_accuracy"][-1],
-                     "seconds": time.perf_counter() - t0}
+                     "seconds": time.perf_counter() - t0, "spec": spec.to_dict()}
         print(f"plain {len(out)}/{len(exp.runs)} {name}: {out[name]['seconds']:.1f}s", flush=True)
     (logroot / "results.json").write_text(json.dumps(out))
 
 
-def matmul_gflops() -> float:
-    """This machine's float32 matmul throughput through TensorFlow, default threads."""
+def matmul_gflops(dtype: str = "float32") -> float:
+    """This machine's 1024² matmul throughput through TensorFlow (oneDNN, no XLA), default threads."""
     import tensorflow as tf
 
-    a = tf.random.normal((1024, 1024))
-    b = tf.random.normal((1024, 1024))
+    a = tf.cast(tf.random.normal((1024, 1024)), dtype)
+    b = tf.cast(tf.random.normal((1024, 1024)), dtype)
     tf.linalg.matmul(a, b).numpy()
     reps, t0 = 20, time.perf_counter()
     for _ in range(reps):
@@ -88,25 +135,56 @@ def matmul_gflops() -> float:
 
 
 def grid_flops(exp, train_examples: int, val_examples: int) -> float:
-    """Dense and Conv2D multiply-adds ×2 per example; a training example costs ≈ 3 forward
-    passes (forward, and two matmuls back), a validation example one."""
-    from trainer.models import build_model
-
+    """Dense and Conv2D multiply-adds ×2 per example. A training example costs the forward
+    pass and, for each weight layer, its weight gradient (one more pass) and, except for
+    the first weight layer (whose input needs no gradient), its input gradient (another):
+    3 passes, 2 for the first. A validation example costs one forward pass."""
     import keras
+
+    from trainer.models import build_model
 
     total = 0.0
     for spec in exp.runs:
         model = build_model(spec, input_shape=(28, 28), classes=10)
-        forward = 0
+        forward = train = 0
         for layer in model.layers:
             if isinstance(layer, keras.layers.Dense):
-                forward += 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
+                flops = 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
             elif isinstance(layer, keras.layers.Conv2D):
                 kh, kw, cin, cout = layer.kernel.shape
                 oh, ow = layer.output.shape[1:3]
-                forward += 2 * kh * kw * cin * cout * oh * ow
-        total += spec.epochs * forward * (3 * train_examples + val_examples)
+                flops = 2 * kh * kw * cin * cout * oh * ow
+            else:
+                continue
+            train += flops * (2 if forward == 0 else 3)
+            forward += flops
+        total += spec.epochs * (train * train_examples + forward * val_examples)
     return total
+
+
+def experiment_file(args, exp, folder: Path) -> str:
+    """The experiment file our side trains: the preset, or with --precision a copy (same
+    name, so the same log folder) whose [execution] precision is set."""
+    if not args.precision:
+        return args.experiment
+    text = Path(exp.source).read_text(encoding="utf-8")
+    text = re.sub(r"(?m)^\s*precision\s*=.*$", "", text)
+    line = f'precision = "{args.precision}"'
+    text = re.sub(r"(?m)^\[execution\]\s*$", f"[execution]\n{line}", text, count=1) if re.search(
+        r"(?m)^\[execution\]\s*$", text) else text + f"\n[execution]\n{line}\n"
+    path = folder / f"{exp.name}.toml"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def seed_spread(results: dict[str, dict], key) -> float | None:
+    """The mean over settings of the sd over seeds of `key`; None with one seed per setting."""
+    groups = defaultdict(list)
+    for r in results.values():
+        spec = {k: v for k, v in r["spec"].items() if k != "seed"}
+        groups[json.dumps(spec, sort_keys=True)].append(key(r))
+    sds = [statistics.stdev(v) for v in groups.values() if len(v) > 1]
+    return statistics.mean(sds) if sds else None
 
 
 def main(argv=None) -> int:
@@ -122,21 +200,23 @@ def _main(argv) -> int:
         return 0
     exp = load(args)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    common = ["--data", args.data] if args.data else []
+    common = (["--data", args.data] if args.data else []) + (["--dataset", args.dataset] if args.dataset else [])
+    common += [item for key, value in overrides(args).items() for item in (f"--{key}", str(value))]
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         tmp = Path(tmp)
-        print(f"grid: {args.experiment}{' (quick: ' + str(QUICK) + ')' if args.quick else ''}, "
-              f"{len(exp.runs)} runs; ours with --workers {args.workers}", flush=True)
-        ours_cmd = [sys.executable, "-m", "trainer", "--experiment", args.experiment, "--logdir",
+        ours_exp = experiment_file(args, exp, tmp)
+        precision = args.precision or getattr(load(args, ours_exp), "precision", "float32")
+        print(f"grid: {args.experiment}{' ' + str(overrides(args)) if overrides(args) else ''}, "
+              f"{len(exp.runs)} runs on {exp.dataset}; ours with --workers {args.workers}, {precision}; "
+              "plain float32", flush=True)
+        ours_cmd = [sys.executable, "-m", "trainer", "--experiment", ours_exp, "--logdir",
                     str(tmp / "ours"), "--workers", str(args.workers), *common]
-        if args.quick:
-            ours_cmd += ["--limit", str(QUICK["limit"]), "--epochs", str(QUICK["epochs"])]
         t0 = time.perf_counter()
         subprocess.run(ours_cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
         ours_s = time.perf_counter() - t0
         print(f"ours:  {ours_s:.1f}s", flush=True)
         plain_cmd = [sys.executable, "-m", "bench.grid_speed", "--experiment", args.experiment,
-                     "--baseline-into", str(tmp / "plain"), *(["--quick"] if args.quick else []), *common]
+                     "--baseline-into", str(tmp / "plain"), *common]
         t0 = time.perf_counter()
         subprocess.run(plain_cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
         plain_s = time.perf_counter() - t0
@@ -144,8 +224,10 @@ def _main(argv) -> int:
 
         plain = json.loads((tmp / "plain" / "results.json").read_text())
         ours = {p.parent.name: json.loads(p.read_text()) for p in (tmp / "ours" / exp.name).glob(f"*/{RUN_MANIFEST}")}
-        dataset = next(iter(ours.values()))["dataset"]
-        steps_checked = all(m["steps"] > 0 and m["status"] == COMPLETE for m in ours.values())
+    dataset = next(iter(ours.values()))["dataset"]
+    steps_checked = all(m["steps"] > 0 and m["status"] == COMPLETE for m in ours.values())
+    engines = sorted({m.get("engine", "?") for m in ours.values()})
+    precisions = sorted({m.get("precision", "float32") for m in ours.values()})
     print(f"\n{'run':<48} {'plain val_loss':>14} {'ours val_loss':>14} {'plain val_acc':>13} {'ours val_acc':>12}")
     diffs = []
     for name in sorted(plain):
@@ -156,11 +238,21 @@ def _main(argv) -> int:
     print(f"val_accuracy, ours − plain over {len(diffs)} runs: mean {statistics.mean(diffs):+.4f}, "
           f"median |diff| {statistics.median(abs(d) for d in diffs):.4f}, max |diff| {max(map(abs, diffs)):.4f} "
           "(different shuffles and step grouping: same distribution, not the same bits)")
+    spread_plain = seed_spread(plain, lambda r: r["val_accuracy"])
+    spread_ours = seed_spread(ours, lambda r: r["final"]["val_accuracy"])
+    if spread_plain is not None:
+        print(f"val_accuracy seed spread (sd over seeds of a setting, mean over settings): "
+              f"plain {spread_plain:.4f}, ours {spread_ours:.4f}")
     flops = grid_flops(exp, dataset["train_examples"], dataset["validation_examples"])
     gflops = matmul_gflops()
+    print(f"ours: engines {', '.join(engines)}; precision {', '.join(precisions)}")
     print(f"all runs complete with per-step losses: {steps_checked}")
-    print(f"compute floor: {flops / 1e12:.2f} TFLOP ÷ {gflops:.1f} GFLOP/s (1024² float32 matmul) "
-          f"= {flops / gflops / 1e9:.1f}s")
+    floor = f"compute floor: {flops / 1e12:.2f} TFLOP ÷ {gflops:.1f} GFLOP/s (1024² float32 matmul) " \
+            f"= {flops / gflops / 1e9:.1f}s"
+    if "bfloat16" in precisions:
+        bf = matmul_gflops("bfloat16")
+        floor += f"; ÷ {bf:.1f} GFLOP/s (bfloat16) = {flops / bf / 1e9:.1f}s"
+    print(floor)
     print(f"plain total {plain_s:.1f}s, ours total {ours_s:.1f}s")
     print(f"speedup: {plain_s / ours_s:.2f}x")
     return 0

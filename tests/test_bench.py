@@ -14,8 +14,22 @@ def test_grid_flops_counts_every_dense_multiply_add():
     from trainer.spec import load_experiment
 
     exp = load_experiment("smoke")  # MLP 784 → 32 → 10, one epoch, 8 runs
-    forward = 2 * (784 * 32 + 32 * 10)
-    assert grid_flops(exp, 1000, 100) == 8 * forward * (3 * 1000 + 100)
+    first, second = 2 * 784 * 32, 2 * 32 * 10
+    # Training: forward + weight gradient for the first layer (its input needs no
+    # gradient), forward + weight and input gradients for the second; validation: forward.
+    assert grid_flops(exp, 1000, 100) == 8 * ((2 * first + 3 * second) * 1000 + (first + second) * 100)
+
+
+def test_grid_flops_counts_the_cnn_convolution():
+    """Document 000's CNN: Conv2D(32, 3×3) on 28×28×1 gives 26×26×32 outputs of 9
+    multiply-adds each; after MaxPool 13×13×32 = 5408 → Dense 128 → Dense 10."""
+    from bench.grid_speed import grid_flops
+    from trainer.spec import load_experiment
+
+    exp = load_experiment("batch-noise-cnn", epochs=1)  # 3 runs (batch 8, 32, 128)
+    conv, dense, out = 2 * 26 * 26 * 32 * 9, 2 * 5408 * 128, 2 * 128 * 10
+    per_run = (2 * conv + 3 * dense + 3 * out) * 1000 + (conv + dense + out) * 100
+    assert grid_flops(exp, 1000, 100) == 3 * per_run
 
 
 @pytest.mark.slow
