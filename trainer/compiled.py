@@ -39,7 +39,8 @@ from contract.layout import (
 from contract.noise import NoiseSchedule, roughness
 from contract.spec import RunSpec
 from trainer import events, faults, interrupt
-from trainer.compiled_model import Program, Tensors, build, release, tensors
+from trainer.compiled_model import Program
+from trainer.compiled_programs import Tensors, build, release, tensors
 from trainer.data import Dataset
 from trainer.manifest import begin_run, finish_run, one_line
 from trainer.models import summarize
@@ -65,9 +66,10 @@ def train_run(experiment, spec: RunSpec, data: Dataset, run_dir: Path, *, precis
     KeyboardInterrupt marks the run interrupted and propagates."""
     precision = precision or getattr(experiment, "precision", "float32")
     manifest = begin_run(experiment, spec, data, run_dir)
-    manifest.setdefault("precision", precision)
     writers = {s: tf.summary.create_file_writer(str(run_dir / s)) for s in SPLITS}
-    state = {"epochs": 0, "final": {}, "diverged_at": None, "steps": 0}
+    # "seconds": where the run's time went (run.json "compiled"), to see what to speed up.
+    state = {"epochs": 0, "final": {}, "diverged_at": None, "steps": 0,
+             "seconds": {"build": 0.0, "train": 0.0, "probe": 0.0, "validate": 0.0, "write": 0.0}}
     program = noise = writer = None
     start = time.perf_counter()
 
@@ -79,9 +81,12 @@ def train_run(experiment, spec: RunSpec, data: Dataset, run_dir: Path, *, precis
                 status = FAILED if status == COMPLETE else status
                 manifest.setdefault("error", one_line(exc))
         if program is not None:
+            program.sync()  # the final weights in the Keras model too
             release(program)
         diverged = state["diverged_at"] is not None
         status = DIVERGED if diverged and status == COMPLETE else status
+        if "compiled" in manifest:
+            manifest["compiled"]["seconds"] = {k: round(v, 3) for k, v in state["seconds"].items()}
         return finish_run(
             manifest, run_dir=run_dir, writers=writers, status=status, start=start,
             steps=state["diverged_at"] or state["steps"], train_examples=len(data.x_train),
@@ -91,9 +96,12 @@ def train_run(experiment, spec: RunSpec, data: Dataset, run_dir: Path, *, precis
 
     try:
         program, model = build(spec, data, precision)
+        state["seconds"]["build"] = time.perf_counter() - start
         manifest["model"] = summarize(model)
         manifest["precision"] = precision
-        manifest["compiled"] = {"xla": program.xla, "optimizer": "adam (fused)" if program._adam else "keras"}
+        # How it ran: XLA or not, whose optimizer update, its own session's threads (None:
+        # the process's pools), and where the time went.
+        manifest["compiled"] = {"xla": program.xla, "update": program.update, "threads": program.threads}
         events.write_run_hparams(run_dir, spec, trial_id=run_dir.name)
         t = tensors(data, program.one_hot, program.eval_rows)
         writer = events.BatchedWriter([writers])
@@ -139,7 +147,8 @@ def _train_epochs(experiment, spec: RunSpec, data: Dataset, program: Program, t:
             else:
                 n, idx = 1, batches[s][None]
             last = s + n == len(batches)
-            losses, chunk_loss, chunk_right = program.train(t, idx, n)
+            with _timed(state, "train"):
+                losses, chunk_loss, chunk_right = program.train(t, idx, n)
             first_step = steps_done + 1
             steps_done += n
             state["steps"] = steps_done
@@ -153,7 +162,9 @@ def _train_epochs(experiment, spec: RunSpec, data: Dataset, program: Program, t:
             if noise is not None and not bad.size:
                 plan = noise.plan(steps_done, last)
                 if plan is not None:
-                    (values,) = noise.record(steps_done, *([v] for v in program.probe(t, *plan)))
+                    with _timed(state, "probe"):
+                        measured = program.probe(t, *plan)
+                    (values,) = noise.record(steps_done, *([v] for v in measured))
                     writer.add(0, TRAIN, values, steps_done)
             if bad.size or not last:  # else written with the epoch's scalars below
                 writer.write(losses[:, None], first_step, np.array([written]))
@@ -163,7 +174,8 @@ def _train_epochs(experiment, spec: RunSpec, data: Dataset, program: Program, t:
                 writer.drain()
                 return
             s += n
-        val_loss, val_accuracy = program.validate(t)
+        with _timed(state, "validate"):
+            val_loss, val_accuracy = program.validate(t)
         state["epochs"] = epoch + 1
         state["final"] = final = {"loss": loss_sum / n_train, "accuracy": right_sum / n_train,
                                   "val_loss": val_loss, "val_accuracy": val_accuracy}
@@ -173,9 +185,23 @@ def _train_epochs(experiment, spec: RunSpec, data: Dataset, program: Program, t:
         if noise is not None:
             writer.add(0, TRAIN, noise.epoch_values(0, roughness(np.concatenate(epoch_losses))), epoch)
         writer.write(losses[:, None], first_step, np.array([n]))
-        writer.drain()
+        with _timed(state, "write"):  # waiting for the writing thread
+            writer.drain()
         faults.point("step")
         for split in SPLITS:
             faults.point("flush")
             writers[split].flush()
         interrupt.check()
+
+
+class _timed:
+    """Adds the seconds of a `with` block to state["seconds"][key]."""
+
+    def __init__(self, state: dict, key: str):
+        self.seconds, self.key = state["seconds"], key
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.seconds[self.key] += time.perf_counter() - self.t0

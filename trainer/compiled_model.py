@@ -18,6 +18,12 @@ variables. The step loop around it is `trainer.compiled`.
   over the chunk: TensorFlow's oneDNN conv kernels are ≈10× faster than XLA's CPU convs
   here (conv backprop at batch 128: 3.2 vs 89 ms). Models without one are compiled with
   XLA (`jit_compile=True`), which fuses their small ops.
+- Threads: a model with a convolution runs in a `tf.compat.v1.Session` of its own, whose
+  thread pools are its own: one thread for small steps (under ≈2e8 FLOPs: the CNN at
+  batch 8 and 32), TensorFlow's default above. Small ops do not scale across threads,
+  and on a shared machine they lose badly when the second thread waits for a core: the
+  CNN at batch 8 took 1.1 ms a step on one thread, 2.1 ms on two (load ≈3.5 from others
+  on 2 cores). The process-wide pools are set before training starts and cannot change.
 - Mixed bfloat16 (`[execution] precision = "bfloat16"`): matmuls, convolutions and
   activations in bfloat16; weights, optimizer state, batch-norm statistics, loss and
   gradients in float32 (Keras' "mixed_bfloat16" policy, written out). Only outside XLA
@@ -27,15 +33,18 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from contract.spec import RunSpec
-from trainer.data import Dataset
-from trainer.models import build_model, make_optimizer
+from trainer.models import make_optimizer
 from trainer.spec import PRECISIONS
+
+if TYPE_CHECKING:
+    from trainer.compiled_programs import Tensors
 
 # Validation rows per step of the validation pass: as many as keep the largest activation
 # under this many values (a CNN: 256 rows), at most 4096.
@@ -51,20 +60,15 @@ def uses_xla(model: keras.Model, precision: str) -> bool:
     return precision == "float32" and not has_conv(model)
 
 
-def structure_key(spec: RunSpec, input_shape: tuple[int, ...], classes: int, precision: str) -> tuple:
-    """Runs with equal keys have the same variables and functions (they differ in
-    initializer, batch size, epochs and seed)."""
-    d = spec.to_dict()
-    for name in ("initializer", "batch_size", "epochs", "seed"):
-        del d[name]
-    return tuple(sorted((k, repr(v)) for k, v in d.items())), tuple(input_shape), classes, precision
-
-
 class Program:
     """A Keras model's training step, validation pass and gradient probe as TensorFlow
-    functions over the model's own variables."""
+    functions. `threads` None: over the model's own variables, in this process's thread
+    pools. Else in a Session of its own with that many threads, over graph variables that
+    start as copies of the model's (`weights` reads them back, `sync` writes them into the
+    model); only for a plain Adam or SGD, whose update is written out here."""
 
-    def __init__(self, model: keras.Model, spec: RunSpec, *, precision: str = "float32", key: tuple = ()):
+    def __init__(self, model: keras.Model, spec: RunSpec, *, precision: str = "float32", key: tuple = (),
+                 threads: int | None = None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} is not valid; valid values: {', '.join(PRECISIONS)}")
         self.key, self.precision, self.model = key, precision, model
@@ -74,31 +78,90 @@ class Program:
         last = self.layers[-1]
         if not (isinstance(last, keras.layers.Dense) and last.activation is keras.activations.softmax):
             raise ValueError("the compiled engine needs a model that ends in Dense(softmax)")
-        # The tf.Variables under Keras' variables: what the functions read, differentiate and update.
-        self.trainable = [v.value for v in model.trainable_variables]
         self.optimizer = make_optimizer(spec)
-        self.optimizer.build(model.trainable_variables)
-        self._optimizer_start = [v.numpy() for v in self.optimizer.variables]
-        self._adam = self._adam_slots()
-        self._adam_xla = None
+        self.update = _update_kind(self.optimizer)
         self.xla = uses_xla(model, precision)
+        self.threads = threads if self.update != "keras" and not self.xla else None
         # Largest activation per example: sets the validation pass's rows per step.
         largest = max(int(np.prod(l.output.shape[1:])) for l in self.layers)
         self.eval_rows = int(min(4096, max(64, 2 ** math.floor(math.log2(max(1, EVAL_VALUES // largest))))))
-        self._train = self._validate = self._probe = None
+        self._fns = None
         self._trace_lock = threading.Lock()
+        if self.threads is None:
+            self.session = None
+            self.optimizer.build(model.trainable_variables)
+            self._optimizer_start = [v.numpy() for v in self.optimizer.variables]
+            # The tf.Variables under Keras' variables: what the functions read and update.
+            self._vars = {id(v): v.value for v in model.weights}
+            opt = self.optimizer
+            self._iterations, self._lr = opt.iterations.value, opt.learning_rate
+            self._slots = None
+            if self.update == "adam":
+                index = opt._get_variable_index
+                self._slots = ([opt._momentums[index(v)].value for v in model.trainable_variables],
+                               [opt._velocities[index(v)].value for v in model.trainable_variables])
+        else:
+            values, lr = [v.numpy() for v in model.weights], float(np.asarray(self.optimizer.learning_rate))
+            self.graph = tf.Graph()
+            with self.graph.as_default():
+                self._vars = {id(v): tf.Variable(np.zeros_like(value), name=f"w{i}")
+                              for i, (v, value) in enumerate(zip(model.weights, values))}
+                self._iterations = tf.Variable(0, dtype=tf.int64, name="iterations")
+                self._lr = tf.constant(lr, tf.float32)
+                self._slots = None
+                if self.update == "adam":
+                    self._slots = tuple([tf.Variable(tf.zeros(v.shape), name=f"{kind}{i}")
+                                         for i, v in enumerate(model.trainable_variables)] for kind in "mv")
+                self._load_ops = _assigner(list(self._vars.values()))
+                self._reset = tf.group([v.assign(tf.zeros_like(v)) for v in (self._slots or ([], []))[0]]
+                                       + [v.assign(tf.zeros_like(v)) for v in (self._slots or ([], []))[1]]
+                                       + [self._iterations.assign(0)])
+            config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=self.threads,
+                                              inter_op_parallelism_threads=self.threads,
+                                              use_per_session_threads=True)
+            self.session = tf.compat.v1.Session(graph=self.graph, config=config)
+            self.session.run([v.initializer for v in self._vars.values()] + [self._iterations.initializer]
+                             + [v.initializer for slot in (self._slots or ()) for v in slot])
+            self._load_ops(values, self.session)
+        self.trainable = [self._vars[id(v)] for v in model.trainable_variables]
+        self._data = None  # the Tensors loaded into the session's graph
 
     def load(self, model: keras.Model) -> None:
         """Start over with `model`'s initial weights (same structure) and the optimizer's
         starting state; the traced functions are kept."""
-        for mine, theirs in zip(self.model.weights, model.weights):
-            mine.assign(theirs)
-        for variable, value in zip(self.optimizer.variables, self._optimizer_start):
-            variable.assign(value)
+        self.set_weights([v.numpy() for v in model.weights])
+        if self.session is None:
+            for variable, value in zip(self.optimizer.variables, self._optimizer_start):
+                variable.assign(value)
+        else:
+            self.session.run(self._reset)
+
+    def set_weights(self, values: list[np.ndarray]) -> None:
+        """Set the weights (in the order of the Keras model's `weights`); the optimizer's
+        state stays."""
+        if self.session is None:
+            for variable, value in zip(self.model.weights, values):
+                variable.assign(value)
+        else:
+            self._load_ops(values, self.session)
 
     @property
     def steps(self) -> int:
-        return int(self.optimizer.iterations.numpy())
+        if self.session is None:
+            return int(self._iterations.numpy())
+        return int(self.session.run(self._iterations))
+
+    def weights(self) -> list[np.ndarray]:
+        """The current values, in the order of the Keras model's `weights`."""
+        if self.session is None:
+            return [v.numpy() for v in self.model.weights]
+        return self.session.run([self._vars[id(v)] for v in self.model.weights])
+
+    def sync(self) -> None:
+        """Write the current values into the Keras model's variables."""
+        if self.session is not None:
+            for v, value in zip(self.model.weights, self.weights()):
+                v.assign(value)
 
     # -- the model as TensorFlow ops --------------------------------------------------
 
@@ -133,7 +196,7 @@ class Program:
         raise AssertionError("unreachable: the last layer is Dense")
 
     def _weight(self, variable):
-        return tf.cast(variable.value, self.compute)
+        return tf.cast(self._vars[id(variable)], self.compute)
 
     def _activate(self, layer, h):
         if layer.use_bias:
@@ -143,16 +206,17 @@ class Program:
     def _batch_norm(self, layer, h, training, update_statistics):
         # As keras.layers.BatchNormalization: statistics and normalization in float32.
         h32 = tf.cast(h, tf.float32)
+        moving_mean, moving_variance = self._vars[id(layer.moving_mean)], self._vars[id(layer.moving_variance)]
         if training:
             mean, variance = tf.nn.moments(h32, list(range(len(h.shape) - 1)))
             if update_statistics:
                 m = layer.momentum
-                layer.moving_mean.value.assign(layer.moving_mean.value * m + mean * (1.0 - m))
-                layer.moving_variance.value.assign(layer.moving_variance.value * m + variance * (1.0 - m))
+                moving_mean.assign(moving_mean * m + mean * (1.0 - m))
+                moving_variance.assign(moving_variance * m + variance * (1.0 - m))
         else:
-            mean, variance = layer.moving_mean.value, layer.moving_variance.value
-        out = tf.nn.batch_normalization(h32, mean, variance, layer.beta.value if layer.center else None,
-                                        layer.gamma.value if layer.scale else None, layer.epsilon)
+            mean, variance = moving_mean, moving_variance
+        out = tf.nn.batch_normalization(h32, mean, variance, self._vars[id(layer.beta)] if layer.center else None,
+                                        self._vars[id(layer.gamma)] if layer.scale else None, layer.epsilon)
         return tf.cast(out, self.compute)
 
     def losses(self, logits, y):
@@ -169,31 +233,19 @@ class Program:
 
     # -- the optimizer ----------------------------------------------------------------
 
-    def _adam_slots(self):
-        """(momentums, velocities) per trainable variable when the optimizer is a plain
-        Keras Adam (no amsgrad, clipping, weight decay, EMA or loss scaling), else None."""
-        opt = self.optimizer
-        plain = (type(opt) is keras.optimizers.Adam and not opt.amsgrad and opt.clipnorm is None
-                 and opt.clipvalue is None and opt.global_clipnorm is None and not opt.use_ema
-                 and opt.weight_decay is None and getattr(opt, "loss_scale_factor", None) is None
-                 and getattr(opt, "gradient_accumulation_steps", None) is None)
-        if not plain:
-            return None
-        try:
-            variables = self.model.trainable_variables
-            return ([opt._momentums[opt._get_variable_index(v)].value for v in variables],
-                    [opt._velocities[opt._get_variable_index(v)].value for v in variables])
-        except (AttributeError, KeyError, IndexError):  # another Keras: its own apply
-            return None
-
     def apply(self, grads) -> None:
         """One optimizer update with `grads` (float32, in the order of `trainable`)."""
-        if self._adam is None:
+        if self.update == "keras":
             self.optimizer.apply(grads, self.model.trainable_variables)
+        elif self.update == "sgd":
+            # keras.optimizers.SGD.update_step without momentum: w −= g·lr.
+            for variable, g in zip(self.trainable, grads):
+                variable.assign_sub(g * tf.cast(self._lr, tf.float32))
+            self._iterations.assign_add(1)
         elif self.xla:
             self._adam_update(grads)
         else:
-            if self._adam_xla is None:
+            if getattr(self, "_adam_xla", None) is None:
                 self._adam_xla = tf.function(self._adam_update, jit_compile=True, autograph=False)
             self._adam_xla(grads)
 
@@ -204,16 +256,16 @@ class Program:
         at once: under XLA one fused pass over each variable and its moments instead of
         ten separate elementwise ops."""
         opt = self.optimizer
-        step = tf.cast(opt.iterations.value + 1, tf.float32)
-        lr = tf.cast(opt.learning_rate, tf.float32)
+        step = tf.cast(self._iterations + 1, tf.float32)
+        lr = tf.cast(self._lr, tf.float32)
         beta_1_power = tf.pow(tf.constant(opt.beta_1, tf.float32), step)
         beta_2_power = tf.pow(tf.constant(opt.beta_2, tf.float32), step)
         alpha = lr * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
-        for variable, m, v, g in zip(self.trainable, *self._adam, grads):
+        for variable, m, v, g in zip(self.trainable, *self._slots, grads):
             m.assign_add((g - m) * (1 - opt.beta_1))
             v.assign_add((tf.square(g) - v) * (1 - opt.beta_2))
             variable.assign_sub((m * alpha) / (tf.sqrt(v) + opt.epsilon))
-        opt.iterations.value.assign_add(1)
+        self._iterations.assign_add(1)
 
     # -- compiled functions -----------------------------------------------------------
 
@@ -290,103 +342,103 @@ class Program:
         cosine = tf.cond(tf.shape(x_one)[0] > 0, cosine, lambda: tf.constant(math.nan, tf.float64))
         return squares / tf.cast(k, tf.float64), big_sq, cosine
 
-    def functions(self, t: Tensors):
-        """(train, validate, probe), traced at the first call with batch sizes left open."""
-        with self._trace_lock:
-            if self._train is None:
-                def open_spec(tensor, dims):
-                    return tf.TensorSpec([None] * dims + tensor.shape[dims:].as_list(), tensor.dtype)
+    def _functions(self, t: Tensors):
+        """(train, validate, probe) as tf.functions, traced at the first call with batch
+        sizes left open (autograph=False: the loops are tf.while_loop already)."""
+        def open_spec(array, dims, dtype=None):
+            return tf.TensorSpec([None] * dims + list(array.shape[dims:]), dtype or tf.as_dtype(array.dtype))
 
-                # autograph=False: the loops are tf.while_loop already.
-                self._train = tf.function(
-                    self._train_chunk, jit_compile=self.xla, autograph=False,
-                    input_signature=[open_spec(t.x, 1), open_spec(t.y, 1), tf.TensorSpec([None, None], tf.int32),
-                                     tf.TensorSpec([], tf.int32)])
-                self._validate = tf.function(
-                    self._validate_fn, jit_compile=self.xla, autograph=False,
-                    input_signature=[open_spec(t.x_val, 2), open_spec(t.y_val, 2), tf.TensorSpec([None, None])])
-                # The probe runs ≈10 times an epoch: not worth an XLA compile.
-                self._probe = tf.function(
-                    self._probe_fn, autograph=False,
-                    input_signature=[open_spec(t.x[None], 2), open_spec(t.y[None], 2),
-                                     open_spec(t.x, 1), open_spec(t.y, 1)])
-            return self._train, self._validate, self._probe
+        train = tf.function(self._train_chunk, jit_compile=self.xla, autograph=False, input_signature=[
+            open_spec(t.arrays["x"], 1), open_spec(t.arrays["y"], 1), tf.TensorSpec([None, None], tf.int32),
+            tf.TensorSpec([], tf.int32)])
+        validate = tf.function(self._validate_fn, jit_compile=self.xla, autograph=False, input_signature=[
+            open_spec(t.arrays["x_val"], 2), open_spec(t.arrays["y_val"], 2), tf.TensorSpec([None, None])])
+        # The probe runs ≈10 times an epoch: not worth an XLA compile.
+        probe = tf.function(self._probe_fn, autograph=False, input_signature=[
+            open_spec(t.arrays["x"][None], 2), open_spec(t.arrays["y"][None], 2),
+            open_spec(t.arrays["x"], 1), open_spec(t.arrays["y"], 1)])
+        return train, validate, probe
+
+    def _graph(self, t: Tensors) -> dict:
+        """The session's fetches and placeholders, built once; the data loaded when `t` is
+        not what is loaded."""
+        with self._trace_lock:
+            if self._fns is None:
+                with self.graph.as_default():
+                    data = {k: tf.Variable(np.zeros((0,) + v.shape[1:], v.dtype), shape=(None,) + v.shape[1:],
+                                           name=k) for k, v in t.arrays.items()}
+                    self.session.run([v.initializer for v in data.values()])
+                    ph = {"idx": tf.compat.v1.placeholder(tf.int32, [None, None]),
+                          "n": tf.compat.v1.placeholder(tf.int32, []),
+                          "rows": tf.compat.v1.placeholder(tf.int32, [None, None]),
+                          "one": tf.compat.v1.placeholder(tf.int32, [None])}
+                    train, validate, probe = self._functions(t)
+                    x, y = data["x"], data["y"]
+                    self._fns = {
+                        "data": _assigner(list(data.values())), "data_keys": list(data), "ph": ph,
+                        "train": train(x, y, ph["idx"], ph["n"]),
+                        "validate": validate(data["x_val"], data["y_val"], data["w_val"]),
+                        "probe": probe(tf.gather(x, ph["rows"]), tf.gather(y, ph["rows"]),
+                                       tf.gather(x, ph["one"]), tf.gather(y, ph["one"]))}
+            if self._data is not t:
+                self._fns["data"]([t.arrays[k] for k in self._fns["data_keys"]], self.session)
+                self._data = t
+            return self._fns
+
+    def _eager(self, t: Tensors):
+        with self._trace_lock:
+            if self._fns is None:
+                self._fns = self._functions(t)
+            return self._fns
 
     def train(self, t: Tensors, idx: np.ndarray, steps: int) -> tuple[np.ndarray, float, float]:
         """`steps` steps on the batches idx[:steps] (rows of the training set); the step
         losses [steps], the summed loss × examples and the right answers."""
-        train, _, _ = self.functions(t)
-        losses, loss_sum, right_sum = train(t.x, t.y, idx, tf.constant(steps, tf.int32))
-        return losses.numpy()[:steps], float(loss_sum), float(right_sum)
+        if self.session is None:
+            losses, loss_sum, right_sum = self._eager(t)[0](t.x, t.y, idx, tf.constant(steps, tf.int32))
+            return losses.numpy()[:steps], float(loss_sum), float(right_sum)
+        g = self._graph(t)
+        losses, loss_sum, right_sum = self.session.run(g["train"], {g["ph"]["idx"]: idx, g["ph"]["n"]: steps})
+        return losses[:steps], float(loss_sum), float(right_sum)
 
     def validate(self, t: Tensors) -> tuple[float, float]:
         """(validation loss, validation accuracy)."""
-        _, validate, _ = self.functions(t)
-        loss_sum, right_sum = validate(t.x_val, t.y_val, t.w_val)
+        if self.session is None:
+            loss_sum, right_sum = self._eager(t)[1](t.x_val, t.y_val, t.w_val)
+        else:
+            loss_sum, right_sum = self.session.run(self._graph(t)["validate"])
         return float(loss_sum) / t.n_val, float(right_sum) / t.n_val
 
     def probe(self, t: Tensors, rows: np.ndarray, one: np.ndarray) -> tuple[float, float, float]:
-        _, _, probe = self.functions(t)
-        out = probe(tf.gather(t.x, rows), tf.gather(t.y, rows), tf.gather(t.x, one), tf.gather(t.y, one))
+        """(mean |G_small|², |G_big|², cosine) for the small batches `rows` [k, B_small] and
+        the batch `one` (no rows: NaN cosine)."""
+        if self.session is None:
+            out = self._eager(t)[2](tf.gather(t.x, rows), tf.gather(t.y, rows), tf.gather(t.x, one),
+                                    tf.gather(t.y, one))
+        else:
+            g = self._graph(t)
+            out = self.session.run(g["probe"], {g["ph"]["rows"]: rows, g["ph"]["one"]: one})
         return tuple(float(v) for v in out)
 
 
-class Tensors:
-    """A dataset as the programs read it: the training set whole, the validation set in
-    zero-padded chunks of `rows` with a mask; labels one-hot for a one-hot loss."""
-
-    def __init__(self, data: Dataset, *, one_hot: bool, rows: int):
-        classes = int(data.y_train.max()) + 1
-        self.data, self.one_hot, self.rows = data, one_hot, rows
-
-        def labels(y):
-            return np.eye(classes, dtype=np.float32)[y] if one_hot else y.astype(np.int32)
-
-        self.x, self.y = tf.constant(data.x_train), tf.constant(labels(data.y_train))
-        n = self.n_val = len(data.x_val)
-        size = min(rows, n)
-        chunks = math.ceil(n / size)
-        x_val = np.zeros((chunks * size,) + data.x_val.shape[1:], np.float32)
-        x_val[:n] = data.x_val
-        y_val = np.zeros((chunks * size,) + labels(data.y_val).shape[1:], labels(data.y_val).dtype)
-        y_val[:n] = labels(data.y_val)
-        self.x_val = tf.constant(x_val.reshape((chunks, size) + x_val.shape[1:]))
-        self.y_val = tf.constant(y_val.reshape((chunks, size) + y_val.shape[1:]))
-        self.w_val = tf.constant((np.arange(chunks * size) < n).astype(np.float32).reshape(chunks, size))
+def _update_kind(opt) -> str:
+    """"adam" or "sgd" for a plain Keras Adam or momentum-free SGD (no amsgrad, nesterov,
+    clipping, weight decay, EMA, loss scaling or accumulation), whose update `Program`
+    writes out; else "keras" (its own `apply`)."""
+    plain = (opt.clipnorm is None and opt.clipvalue is None and opt.global_clipnorm is None and not opt.use_ema
+             and getattr(opt, "loss_scale_factor", None) is None
+             and getattr(opt, "gradient_accumulation_steps", None) is None)
+    if plain and type(opt) is keras.optimizers.Adam and not opt.amsgrad and opt.weight_decay is None:
+        return "adam"
+    if plain and type(opt) is keras.optimizers.SGD and opt.momentum == 0 and not opt.nesterov \
+            and opt.weight_decay is None:
+        return "sgd"
+    return "keras"
 
 
-_TENSORS: dict[tuple, Tensors] = {}
-_PROGRAMS: dict[tuple, Program] = {}  # one free program per structure
-_LOCK = threading.Lock()
-
-
-def tensors(data: Dataset, one_hot: bool, rows: int) -> Tensors:
-    """The dataset's tensors, made once per dataset, label kind and chunk size."""
-    key = (id(data), one_hot, rows)
-    with _LOCK:
-        entry = _TENSORS.get(key)
-        if entry is None or entry.data is not data:
-            for k in [k for k, v in _TENSORS.items() if v.data is not data]:
-                del _TENSORS[k]
-            entry = _TENSORS[key] = Tensors(data, one_hot=one_hot, rows=rows)
-        return entry
-
-
-def build(spec: RunSpec, data: Dataset, precision: str = "float32") -> tuple[Program, keras.Model]:
-    """The program for `spec` with its initial weights (a released one of the same
-    structure, loaded, if there is one) and the Keras model they came from."""
-    input_shape, classes = data.x_train.shape[1:], int(data.y_train.max()) + 1
-    keras.utils.set_random_seed(spec.seed)
-    model = build_model(spec, input_shape=input_shape, classes=classes)
-    key = structure_key(spec, input_shape, classes, precision)
-    with _LOCK:
-        program = _PROGRAMS.pop(key, None)
-    if program is None:
-        return Program(model, spec, precision=precision, key=key), model
-    program.load(model)
-    return program, model
-
-
-def release(program: Program) -> None:
-    with _LOCK:
-        _PROGRAMS[program.key] = program
+def _assigner(variables: list):
+    """A function (values, session) that assigns numpy `values` to graph `variables`
+    (one placeholder each: the graph holds no copy of the data)."""
+    holders = [tf.compat.v1.placeholder(v.dtype, [None] * len(v.shape)) for v in variables]
+    op = tf.group([v.assign(h) for v, h in zip(variables, holders)])
+    return lambda values, session: session.run(op, dict(zip(holders, values)))

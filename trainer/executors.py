@@ -27,6 +27,11 @@ if TYPE_CHECKING:  # imported when training starts: they load TensorFlow
     from trainer.packed_model import PackedMLP
 
 EXECUTORS = ("local", "ray")
+# A tf.compat.v1.Session gets thread pools of its own only with this set (else all share
+# the process's): the compiled engine runs small steps in a one-thread session
+# (trainer.compiled_model). TensorFlow reads it once, when it makes its first device, so
+# it is set here, before the trainer loads TensorFlow; the process's own pools are unchanged.
+os.environ.setdefault("TF_OVERRIDE_GLOBAL_THREADPOOL", "1")
 # Errors that mean the disk, not the run, is at fault.
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 

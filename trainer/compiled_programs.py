@@ -1,0 +1,122 @@
+"""Which compiled program trains a run: built, or a released one of the same structure
+loaded with the run's initial weights (its functions are traced once per process), with
+its thread count (`trainer.compiled_model`'s docstring says why); and the dataset as the
+programs read it."""
+from __future__ import annotations
+
+import math
+import os
+import threading
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from contract.spec import RunSpec
+from trainer.compiled_model import Program, has_conv
+from trainer.data import Dataset
+from trainer.models import build_model
+
+# Training steps under this many FLOPs (3 × forward × batch) run on one thread.
+SMALL_STEP_FLOPS = 2e8
+
+
+def forward_flops(model: keras.Model) -> int:
+    """Multiply-adds × 2 of one example's forward pass through the Dense and Conv2D layers."""
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Dense):
+            total += 2 * int(np.prod(layer.kernel.shape))
+        elif isinstance(layer, keras.layers.Conv2D):
+            total += 2 * int(np.prod(layer.kernel.shape)) * int(np.prod(layer.output.shape[1:3]))
+    return total
+
+
+def session_threads(model: keras.Model, batch_size: int) -> int | None:
+    """The compiled program's own thread count (see the module docstring), or None: no
+    session of its own (no convolution: XLA in the process's pools)."""
+    if not has_conv(model):
+        return None
+    return 1 if 3 * forward_flops(model) * batch_size < SMALL_STEP_FLOPS else (os.cpu_count() or 1)
+
+
+def structure_key(spec: RunSpec, input_shape: tuple[int, ...], classes: int, precision: str,
+                  threads: int | None = None) -> tuple:
+    """Runs with equal keys have the same variables and functions (they differ in
+    initializer, batch size, epochs and seed)."""
+    d = spec.to_dict()
+    for name in ("initializer", "batch_size", "epochs", "seed"):
+        del d[name]
+    return tuple(sorted((k, repr(v)) for k, v in d.items())), tuple(input_shape), classes, precision, threads
+
+
+class Tensors:
+    """A dataset as the programs read it: the training set whole, the validation set in
+    zero-padded chunks of `rows` with a mask; labels one-hot for a one-hot loss. `arrays`
+    (numpy) for a program's own session, the same as tensors (made at first use) for the
+    others."""
+
+    def __init__(self, data: Dataset, *, one_hot: bool, rows: int):
+        classes = int(data.y_train.max()) + 1
+        self.data, self.one_hot, self.rows = data, one_hot, rows
+
+        def labels(y):
+            return np.eye(classes, dtype=np.float32)[y] if one_hot else y.astype(np.int32)
+
+        n = self.n_val = len(data.x_val)
+        size = min(rows, n)
+        chunks = math.ceil(n / size)
+        x_val = np.zeros((chunks * size,) + data.x_val.shape[1:], np.float32)
+        x_val[:n] = data.x_val
+        y_val = np.zeros((chunks * size,) + labels(data.y_val).shape[1:], labels(data.y_val).dtype)
+        y_val[:n] = labels(data.y_val)
+        self.arrays = {"x": data.x_train, "y": labels(data.y_train),
+                       "x_val": x_val.reshape((chunks, size) + x_val.shape[1:]),
+                       "y_val": y_val.reshape((chunks, size) + y_val.shape[1:]),
+                       "w_val": (np.arange(chunks * size) < n).astype(np.float32).reshape(chunks, size)}
+        self._tensors: dict = {}
+
+    def __getattr__(self, name):
+        if name in ("x", "y", "x_val", "y_val", "w_val"):
+            if name not in self._tensors:
+                self._tensors[name] = tf.constant(self.arrays[name])
+            return self._tensors[name]
+        raise AttributeError(name)
+
+
+_TENSORS: dict[tuple, Tensors] = {}
+_PROGRAMS: dict[tuple, Program] = {}  # one free program per structure
+_LOCK = threading.Lock()
+
+
+def tensors(data: Dataset, one_hot: bool, rows: int) -> Tensors:
+    """The dataset's tensors, made once per dataset, label kind and chunk size."""
+    key = (id(data), one_hot, rows)
+    with _LOCK:
+        entry = _TENSORS.get(key)
+        if entry is None or entry.data is not data:
+            for k in [k for k, v in _TENSORS.items() if v.data is not data]:
+                del _TENSORS[k]
+            entry = _TENSORS[key] = Tensors(data, one_hot=one_hot, rows=rows)
+        return entry
+
+
+def build(spec: RunSpec, data: Dataset, precision: str = "float32") -> tuple[Program, keras.Model]:
+    """The program for `spec` with its initial weights (a released one of the same
+    structure, loaded, if there is one) and the Keras model they came from."""
+    input_shape, classes = data.x_train.shape[1:], int(data.y_train.max()) + 1
+    keras.utils.set_random_seed(spec.seed)
+    model = build_model(spec, input_shape=input_shape, classes=classes)
+    threads = session_threads(model, spec.batch_size)
+    key = structure_key(spec, input_shape, classes, precision, threads)
+    with _LOCK:
+        program = _PROGRAMS.pop(key, None)
+    if program is None:
+        return Program(model, spec, precision=precision, key=key, threads=threads), model
+    program.load(model)
+    return program, model
+
+
+def release(program: Program) -> None:
+    with _LOCK:
+        _PROGRAMS[program.key] = program
