@@ -13,10 +13,11 @@ averages of the two, because single estimates are noisy and |G|² can come out n
 The |G|² estimate is the mean of the k(k−1) dot products g_i·g_j of distinct small-batch
 gradients, so its sampling noise is set by B_big, hardly by the split into k batches; k
 sets tr(Σ)'s k − 1 degrees of freedom. Measured on the lab grid, single |G|² estimates
-at B_big = 512 have a relative spread of 1.1–1.4, about half of it the rows drawn and
-half the gradient itself changing from step to step (B_big = 4096 brought it only to
-0.75–1.0): many measurements spread over training, not big ones, make B_simple repeatable,
-hence the schedule in examples and β = 0.95 (`NoiseSettings`).
+at B_big = 512 have a relative spread of 0.9–1.5: at batch sizes ≤ 256 mostly
+the gradient itself changing from step to step, at 512–1024 mostly the rows drawn (two
+probe streams on the same training runs), and B_big = 4096 brought it only to 0.75–1.0.
+Many measurements spread over training, not big ones, make B_simple repeatable: hence
+the schedule in examples and β = 0.95 (`NoiseSettings`).
 
 The interval (`b_simple_interval`): B_simple is a ratio of two weighted means, the EMA's
 weights β^(n−i) over the n measurements so far. Each measurement draws fresh rows, so
