@@ -167,13 +167,13 @@ def test_build_reuses_a_released_pack_of_the_same_structure(data, monkeypatch):
     monkeypatch.setattr(packed, "_FREE", [])
     x, y = data
     lab, ds = load_experiment("lab"), dataset(x, y)
-    first = packed.build(lab, [s for s in lab.runs if s.batch_size == 64], ds)
+    first = packed.build(lab, [s for s in lab.runs if s.batch_size == 64 and s.seed == 0], ds)
     packed.release(first)
-    second = packed.build(lab, [s for s in lab.runs if s.batch_size == 128], ds)
+    second = packed.build(lab, [s for s in lab.runs if s.batch_size == 128 and s.seed == 0], ds)
     assert second is first and {s.batch_size for s in second.specs} == {128}
-    assert packed.build(lab, [s for s in lab.runs if s.batch_size == 256], ds) is not first  # in use
+    assert packed.build(lab, [s for s in lab.runs if s.batch_size == 256 and s.seed == 0], ds) is not first  # in use
     packed.release(second)
-    assert packed.build(lab, [s for s in lab.runs if s.batch_size == 256][:2], ds) is not first  # 2 members
+    assert packed.build(lab, [s for s in lab.runs if s.batch_size == 256 and s.seed == 0][:2], ds) is not first  # 2 members
 
 
 def test_divergence_is_recorded_per_member_at_its_first_non_finite_step():
@@ -189,11 +189,13 @@ def test_divergence_is_recorded_per_member_at_its_first_non_finite_step():
 def test_runs_are_packed_by_shared_data_order(tmp_path):
     lab = load_experiment("lab")
     packs = lab.packs(list(range(len(lab.runs))))
-    assert len(packs) == 5 and all(len(p) == 6 for p in packs)
+    # 5 batch sizes × 3 seeds: a pack is one (batch size, seed), its 6 members the
+    # initializer × batch-norm settings that share that data order.
+    assert len(packs) == 15 and all(len(p) == 6 for p in packs)
     for pack in packs:
-        assert len({lab.runs[i].batch_size for i in pack}) == 1
+        assert len({(lab.runs[i].batch_size, lab.runs[i].seed) for i in pack}) == 1
         assert len({(lab.runs[i].initializer, lab.runs[i].batch_norm) for i in pack}) == 6
-    assert sorted(i for p in packs for i in p) == list(range(30))
+    assert sorted(i for p in packs for i in p) == list(range(90))
     path = tmp_path / "mixed.toml"
     path.write_text(textwrap.dedent("""
         [grid]
