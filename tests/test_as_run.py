@@ -259,3 +259,21 @@ def test_a_run_trained_alone_is_a_pack_of_one(tmp_path, synthetic_npz):
     assert experiment["overrides"] == {"limit": 600, "path": str(synthetic_npz)}
     lines = experiment["source_text"].splitlines()
     assert lines[:3] == ["[data]", f"limit = 600  {FROM_CLI}", f"path = {json.dumps(str(synthetic_npz))}  {FROM_CLI}"]
+
+
+def test_no_gradient_noise_is_written_into_the_text_as_run():
+    exp = load_experiment("smoke", gradient_noise=False)
+    assert exp.overrides == {"gradient_noise": False} and not exp.gradient_noise.enabled
+    text = as_run_text(resolve_experiment_path("smoke").read_text(), exp.overrides)
+    assert "enabled = false  # from the command line" in text
+    assert not load_experiment_text(text).gradient_noise.enabled
+
+
+def load_experiment_text(text: str):
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "smoke.toml"
+        path.write_text(text)
+        return load_experiment(str(path))

@@ -13,7 +13,7 @@ import tomllib
 from dataclasses import dataclass
 
 OVERRIDES = {"dataset": ("data", "dataset"), "limit": ("data", "limit"), "path": ("data", "path"),
-             "epochs": ("run", "epochs")}
+             "epochs": ("run", "epochs"), "gradient_noise": ("gradient_noise", "enabled")}
 _FROM_CLI = "# from the command line"
 
 
