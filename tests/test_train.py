@@ -200,3 +200,23 @@ def test_unwritable_logdir_fails_before_training(tmp_path, synthetic_npz, capsys
     code = main(["--experiment", "smoke", "--data", str(synthetic_npz), "--logdir", str(blocker)])
     assert code == 2
     assert "cannot write to the log folder" in capsys.readouterr().err
+
+
+def test_hparams_config_lists_the_grid_axes_first(tmp_path):
+    """TensorBoard's HParams table shows the first hparams by default: the grid's axes."""
+    import tensorflow as tf
+    from tensorboard.plugins.hparams import metadata
+
+    from trainer.events import write_hparams_config
+    from trainer.spec import load_experiment
+
+    exp = load_experiment("lab")
+    write_hparams_config(tmp_path, exp)
+    (event_file,) = tmp_path.glob("events.out.tfevents.*")
+    names = None
+    for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+        for value in event.summary.value:
+            if value.metadata.plugin_data.plugin_name == metadata.PLUGIN_NAME:
+                data = metadata.parse_experiment_plugin_data(value.metadata.plugin_data.content)
+                names = [h.name for h in data.hparam_infos]
+    assert names[:4] == ["initializer", "batch_size", "batch_norm", "seed"]

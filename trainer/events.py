@@ -54,7 +54,11 @@ def write_hparams_config(exp_dir: Path, experiment: Experiment) -> None:
         for name, value in spec.hparams().items():
             if value not in values[name]:
                 values[name].append(value)
-    hparams = [hp.HParam(name, hp.Discrete(vals)) for name, vals in values.items()]
+    # TensorBoard's HParams table shows the first few hparams by default: the grid's axes
+    # first (in the file's order), then the other fields that vary, then the constants.
+    order = [*experiment.grid_axes, *(n for n in RUN_FIELDS if len(values[n]) > 1),
+             *(n for n in RUN_FIELDS if len(values[n]) <= 1)]
+    hparams = [hp.HParam(name, hp.Discrete(values[name])) for name in dict.fromkeys(order) if name in values]
     metrics = [hp.Metric(tag, group=group, display_name=label) for group, tag, label in HPARAM_METRICS]
     writer = tf.summary.create_file_writer(str(exp_dir))
     with writer.as_default():
