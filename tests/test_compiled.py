@@ -270,3 +270,48 @@ def test_cnn_and_one_hot_runs_log_the_layout(tmp_path, synthetic_npz):
         val = rows[(rows["split"] == "validation") & (rows["tag"] == "epoch_accuracy")]["value"].tolist()
         assert val[-1] == pytest.approx(manifest["final"]["val_accuracy"], rel=1e-6)
         assert {"gradient/b_simple", "gradient/epoch_cosine", "gradient/loss_roughness"} <= set(rows["tag"])
+
+
+@pytest.mark.slow
+def test_bfloat16_grid_with_seeds_finishes_close_to_float32(tmp_path, synthetic_npz):
+    """The same 3-seed grid in float32 (the fused engine) and bfloat16 (the compiled
+    engine): every bf16 run complete with finite step losses, precision in run.json (and
+    in its config, so switching retrains), val accuracy within the seed spread of float32."""
+    from tbparse import SummaryReader
+
+    from trainer.cli import main
+
+    acc = {}
+    for precision in ("float32", "bfloat16"):
+        path = tmp_path / precision / "seeds.toml"
+        path.parent.mkdir()
+        path.write_text(textwrap.dedent(f"""
+            [data]
+            validation = "test"
+            [run]
+            hidden = [32]
+            activation = "relu"
+            epochs = 2
+            batch_size = 50
+            [grid]
+            batch_norm = [false, true]
+            seed = [0, 1, 2]
+            [execution]
+            precision = "{precision}"
+        """))
+        logdir = tmp_path / precision / "logs"
+        assert main(["--experiment", str(path), "--data", str(synthetic_npz), "--logdir", str(logdir)]) == 0
+        for run in (logdir / "seeds").glob("*/run.json"):
+            m = json.loads(run.read_text())
+            assert m["status"] == "complete" and m["precision"] == precision
+            assert m["engine"] == ("fused" if precision == "float32" else "compiled")
+            assert m["config"].get("precision", "float32") == precision
+            acc[precision, m["spec"]["batch_norm"], m["spec"]["seed"]] = m["final"]["val_accuracy"]
+        if precision == "bfloat16":
+            df = SummaryReader(str(logdir / "seeds")).tensors
+            step_loss = df[df["tag"] == "step_loss"]["value"].astype(float)
+            assert len(step_loss) == 6 * 2 * math.ceil(1200 / 50) and np.isfinite(step_loss).all()
+    for bn in (False, True):
+        f32 = np.array([acc["float32", bn, s] for s in range(3)])
+        bf16 = np.array([acc["bfloat16", bn, s] for s in range(3)])
+        assert abs(bf16.mean() - f32.mean()) <= max(2 * f32.std(ddof=1), 0.02), (bn, f32, bf16)

@@ -81,7 +81,6 @@ def train_run(experiment, spec: RunSpec, data: Dataset, run_dir: Path, *, precis
                 status = FAILED if status == COMPLETE else status
                 manifest.setdefault("error", one_line(exc))
         if program is not None:
-            program.sync()  # the final weights in the Keras model too
             release(program)
         diverged = state["diverged_at"] is not None
         status = DIVERGED if diverged and status == COMPLETE else status

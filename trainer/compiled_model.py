@@ -7,23 +7,13 @@ variables. The step loop around it is `trainer.compiled`.
   Reshape, Conv2D, MaxPooling2D, BatchNormalization, Flatten, Dense, and the loss from the
   logits, as Keras computes them): in graph mode Keras' layer calls cost as much as the
   arithmetic at batch 8. The initial weights and the optimizer are Keras' own.
-- Adam: Keras' `update_step` arithmetic op for op, for all variables in one XLA cluster
-  (one fused pass over each variable and its moments). Keras' Adam in graph mode, ten
-  separate elementwise ops a variable, was ≈2.8 ms a step at batch 8, most of
-  `model.fit`'s 3–4 ms: the CNN's 692k dense weights and their moments streamed through
-  memory once per op. TensorFlow's own fused ResourceApplyAdam rounds differently (≈3e-5
-  apart from Keras after 20 CNN steps at lr 0.01), so it is not used. Other optimizers:
-  Keras' `apply`.
-- Models with a convolution run in a plain (non-XLA) `tf.function` with a `tf.while_loop`
-  over the chunk: TensorFlow's oneDNN conv kernels are ≈10× faster than XLA's CPU convs
-  here (conv backprop at batch 128: 3.2 vs 89 ms). Models without one are compiled with
-  XLA (`jit_compile=True`), which fuses their small ops.
-- Threads: a model with a convolution runs in a `tf.compat.v1.Session` of its own, whose
-  thread pools are its own: one thread for small steps (under ≈2e8 FLOPs: the CNN at
-  batch 8 and 32), TensorFlow's default above. Small ops do not scale across threads,
-  and on a shared machine they lose badly when the second thread waits for a core: the
-  CNN at batch 8 took 1.1 ms a step on one thread, 2.1 ms on two (load ≈3.5 from others
-  on 2 cores). The process-wide pools are set before training starts and cannot change.
+- Adam: Keras' `update_step` arithmetic op for op, all variables in one XLA cluster (one
+  pass over each variable and its moments; Keras' ten elementwise ops a variable took
+  ≈2.8 ms of `model.fit`'s 3–4 ms a step at batch 8; TensorFlow's ResourceApplyAdam
+  rounds differently, 3e-5 off after 20 CNN steps). Other optimizers: Keras' `apply`.
+- A model with a convolution runs without XLA (oneDNN's convs beat XLA's CPU convs ≈10×:
+  conv backprop at batch 128 3.2 vs 89 ms), in a `tf.compat.v1.Session` with thread pools
+  of its own (`trainer.compiled_programs.session_threads`); others are XLA-compiled.
 - Mixed bfloat16 (`[execution] precision = "bfloat16"`): matmuls, convolutions and
   activations in bfloat16; weights, optimizer state, batch-norm statistics, loss and
   gradients in float32 (Keras' "mixed_bfloat16" policy, written out). Only outside XLA
@@ -170,7 +160,8 @@ class Program:
         final softmax). Batch norm uses batch statistics when `training`, and only
         `update_statistics` moves its moving averages (the probe leaves them alone)."""
         h = tf.cast(x, self.compute)
-        for layer in self.layers:
+        after_pool = None  # an activation moved past the max pooling that follows it
+        for i, layer in enumerate(self.layers):
             if isinstance(layer, keras.layers.Reshape):
                 h = tf.reshape(h, [-1, *layer.target_shape])
             elif isinstance(layer, keras.layers.Flatten):
@@ -179,9 +170,20 @@ class Program:
                     and layer.groups == 1:
                 h = tf.nn.convolution(h, self._weight(layer.kernel), strides=layer.strides,
                                       padding=layer.padding.upper(), dilations=layer.dilation_rate)
-                h = self._activate(layer, h)
+                if layer.use_bias:
+                    h = h + self._weight(layer.bias)
+                # relu(max(z)) = max(relu(z)), and the gradients agree bit for bit (the max
+                # is routed to the same place, or relu' is 0): on a quarter of the values,
+                # conv + pool forward and backward took 0.22 instead of 0.54 ms at batch 8.
+                nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
+                if isinstance(nxt, keras.layers.MaxPooling2D) and layer.activation in _COMMUTES_WITH_MAX:
+                    after_pool = layer.activation
+                else:
+                    h = layer.activation(h)
             elif isinstance(layer, keras.layers.MaxPooling2D) and layer.data_format == "channels_last":
                 h = tf.nn.max_pool2d(h, layer.pool_size, layer.strides, layer.padding.upper())
+                if after_pool is not None:
+                    h, after_pool = after_pool(h), None
             elif isinstance(layer, keras.layers.Dense):
                 h = tf.matmul(h, self._weight(layer.kernel))
                 if layer is self.layers[-1]:
@@ -250,11 +252,8 @@ class Program:
             self._adam_xla(grads)
 
     def _adam_update(self, grads) -> None:
-        """keras.optimizers.Adam.update_step's arithmetic, op for op (so the numbers are
-        Keras' to float32 rounding; TensorFlow's fused ResourceApplyAdam kernel rounds
-        differently, ≈3e-5 apart after 20 steps of a CNN at lr 0.01), for every variable
-        at once: under XLA one fused pass over each variable and its moments instead of
-        ten separate elementwise ops."""
+        """keras.optimizers.Adam.update_step's arithmetic, op for op, for every variable
+        at once (under XLA: one fused pass over each variable and its moments)."""
         opt = self.optimizer
         step = tf.cast(self._iterations + 1, tf.float32)
         lr = tf.cast(self._lr, tf.float32)
@@ -419,6 +418,12 @@ class Program:
             g = self._graph(t)
             out = self.session.run(g["probe"], {g["ph"]["rows"]: rows, g["ph"]["one"]: one})
         return tuple(float(v) for v in out)
+
+
+# Activations that may be applied after a max pooling instead of before it, with the same
+# values and gradients: non-decreasing ones without saturation ties (tanh and sigmoid
+# round large inputs to equal values, where the max would be routed differently).
+_COMMUTES_WITH_MAX = (keras.activations.relu, keras.activations.linear)
 
 
 def _update_kind(opt) -> str:

@@ -33,8 +33,13 @@ def forward_flops(model: keras.Model) -> int:
 
 
 def session_threads(model: keras.Model, batch_size: int) -> int | None:
-    """The compiled program's own thread count (see the module docstring), or None: no
-    session of its own (no convolution: XLA in the process's pools)."""
+    """The thread count of the program's own session: 1 for steps under SMALL_STEP_FLOPS
+    (the CNN at batch 8 and 32), else the CPU count; None: no session of its own (no
+    convolution: XLA in the process's pools). Small ops do not scale across threads, and
+    on a shared machine they lose badly when the second thread waits for a core: the CNN
+    at batch 8 took 1.1 ms a step on one thread, 2.1 ms on two (load ≈3.5 from others on
+    2 cores); at batch 128 two threads were faster (4.6–5.0 vs 6.7–6.9 ms, load ≈2.3).
+    The process-wide pools are fixed before training starts and cannot change."""
     if not has_conv(model):
         return None
     return 1 if 3 * forward_flops(model) * batch_size < SMALL_STEP_FLOPS else (os.cpu_count() or 1)
