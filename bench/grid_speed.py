@@ -3,7 +3,7 @@
     python -m bench.grid_speed                                  # the lab grid (long: both sides train every run)
     python -m bench.grid_speed --quick                          # the lab grid on 6,000 images for 2 epochs
     python -m bench.grid_speed --experiment batch-noise-cnn --dataset fashion_mnist
-    python -m bench.grid_speed --precision bfloat16             # ours in mixed bfloat16, plain in float32
+    python -m bench.grid_speed --precision bfloat16,float32     # ours in each precision, plain once (float32)
 
 The documents' way: one process, default threads, runs one after another, each a plain
 `keras.Model` compiled with defaults and fitted with `keras.callbacks.TensorBoard`; a
@@ -13,7 +13,7 @@ is its own `keras.Sequential` on 28×28×1 images. Ours: `python -m trainer` as 
 train` runs it (the fused engine for MLPs with integer labels, the compiled engine for
 the rest; exact per-step losses, gradient-noise measurement on as in the experiment file;
 `--workers` as given, default 1). Both start as fresh processes, so both pay TensorFlow's
-start-up. The last line is `speedup: <ratio>x`.
+start-up. The last line is `speedup: <ratio>x` (with several --precision values, the first's).
 """
 from __future__ import annotations
 
@@ -46,10 +46,20 @@ def parse_args(argv):
     p.add_argument("--limit", type=int, help="only the first N training and test images, both sides")
     p.add_argument("--workers", type=int, default=1, help="our side's --workers (default 1, as make train)")
     p.add_argument("--data", help="as for the trainer: a .npz or IDX folder")
-    p.add_argument("--precision", choices=PRECISIONS,
-                   help="our side's [execution] precision (default: the experiment file's); the plain side is float32")
+    p.add_argument("--precision", type=precisions, metavar="P[,P]",
+                   help="our side's [execution] precision, or a list (float32,bfloat16: ours trained in each, the "
+                        "plain side once; the last line is the first's speedup); default: the experiment file's. "
+                        "The plain side is float32")
     p.add_argument("--baseline-into", help=argparse.SUPPRESS)  # internal: run the plain side here
     return p.parse_args(argv)
+
+
+def precisions(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in PRECISIONS]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(f"{text!r}: valid values: {', '.join(PRECISIONS)} (or both, comma-separated)")
+    return list(dict.fromkeys(values))
 
 
 def overrides(args) -> dict:
@@ -120,6 +130,16 @@ def baseline(args) -> None:
     (logroot / "results.json").write_text(json.dumps(out))
 
 
+def children_cpu() -> float:
+    """User + system CPU seconds of this process's finished children: a side's CPU time,
+    less sensitive than its wall time to other work on a shared machine (not immune:
+    waiting for a core costs no CPU, but caches shared with others do)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def matmul_gflops(dtype: str = "float32") -> float:
     """This machine's 1024² matmul throughput through TensorFlow (oneDNN, no XLA), default threads."""
     import tensorflow as tf
@@ -162,16 +182,19 @@ def grid_flops(exp, train_examples: int, val_examples: int) -> float:
     return total
 
 
-def experiment_file(args, exp, folder: Path) -> str:
-    """The experiment file our side trains: the preset, or with --precision a copy (same
+def experiment_file(args, exp, folder: Path, precision: str | None) -> str:
+    """The experiment file our side trains: the preset, or for a `precision` a copy (same
     name, so the same log folder) whose [execution] precision is set."""
-    if not args.precision:
+    if not precision:
         return args.experiment
     text = Path(exp.source).read_text(encoding="utf-8")
     text = re.sub(r"(?m)^\s*precision\s*=.*$", "", text)
-    line = f'precision = "{args.precision}"'
-    text = re.sub(r"(?m)^\[execution\]\s*$", f"[execution]\n{line}", text, count=1) if re.search(
-        r"(?m)^\[execution\]\s*$", text) else text + f"\n[execution]\n{line}\n"
+    line = f'precision = "{precision}"'
+    if re.search(r"(?m)^\[execution\]\s*$", text):
+        text = re.sub(r"(?m)^\[execution\]\s*$", f"[execution]\n{line}", text, count=1)
+    else:
+        text += f"\n[execution]\n{line}\n"
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{exp.name}.toml"
     path.write_text(text, encoding="utf-8")
     return str(path)
@@ -202,60 +225,80 @@ def _main(argv) -> int:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     common = (["--data", args.data] if args.data else []) + (["--dataset", args.dataset] if args.dataset else [])
     common += [item for key, value in overrides(args).items() for item in (f"--{key}", str(value))]
+    sides = args.precision or [None]  # None: the experiment file's precision
+    seconds, cpu, ours = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         tmp = Path(tmp)
-        ours_exp = experiment_file(args, exp, tmp)
-        precision = args.precision or getattr(load(args, ours_exp), "precision", "float32")
+        files = {side: experiment_file(args, exp, tmp / f"exp-{side}", side) for side in sides}
+        labels = {side: side or load(args, files[side]).precision for side in sides}
         print(f"grid: {args.experiment}{' ' + str(overrides(args)) if overrides(args) else ''}, "
-              f"{len(exp.runs)} runs on {exp.dataset}; ours with --workers {args.workers}, {precision}; "
-              "plain float32", flush=True)
-        ours_cmd = [sys.executable, "-m", "trainer", "--experiment", ours_exp, "--logdir",
-                    str(tmp / "ours"), "--workers", str(args.workers), *common]
-        t0 = time.perf_counter()
-        subprocess.run(ours_cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
-        ours_s = time.perf_counter() - t0
-        print(f"ours:  {ours_s:.1f}s", flush=True)
+              f"{len(exp.runs)} runs on {exp.dataset}; ours with --workers {args.workers}, "
+              f"{' then '.join(labels.values())}; plain float32", flush=True)
+        for side in sides:
+            ours_cmd = [sys.executable, "-m", "trainer", "--experiment", files[side], "--logdir",
+                        str(tmp / f"ours-{side}"), "--workers", str(args.workers), *common]
+            t0, c0 = time.perf_counter(), children_cpu()
+            subprocess.run(ours_cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+            seconds[labels[side]] = time.perf_counter() - t0
+            cpu[labels[side]] = children_cpu() - c0
+            print(f"ours ({labels[side]}):  {seconds[labels[side]]:.1f}s (CPU {cpu[labels[side]]:.1f}s)", flush=True)
+            ours[labels[side]] = {p.parent.name: json.loads(p.read_text())
+                                  for p in (tmp / f"ours-{side}" / exp.name).glob(f"*/{RUN_MANIFEST}")}
         plain_cmd = [sys.executable, "-m", "bench.grid_speed", "--experiment", args.experiment,
                      "--baseline-into", str(tmp / "plain"), *common]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), children_cpu()
         subprocess.run(plain_cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
         plain_s = time.perf_counter() - t0
-        print(f"plain: {plain_s:.1f}s", flush=True)
-
+        cpu["plain"] = children_cpu() - c0
+        print(f"plain: {plain_s:.1f}s (CPU {cpu['plain']:.1f}s)", flush=True)
         plain = json.loads((tmp / "plain" / "results.json").read_text())
-        ours = {p.parent.name: json.loads(p.read_text()) for p in (tmp / "ours" / exp.name).glob(f"*/{RUN_MANIFEST}")}
-    dataset = next(iter(ours.values()))["dataset"]
-    steps_checked = all(m["steps"] > 0 and m["status"] == COMPLETE for m in ours.values())
-    engines = sorted({m.get("engine", "?") for m in ours.values()})
-    precisions = sorted({m.get("precision", "float32") for m in ours.values()})
-    print(f"\n{'run':<48} {'plain val_loss':>14} {'ours val_loss':>14} {'plain val_acc':>13} {'ours val_acc':>12}")
-    diffs = []
-    for name in sorted(plain):
-        p, o = plain[name], ours[name]["final"]
-        diffs.append(o["val_accuracy"] - p["val_accuracy"])
-        print(f"{name:<48} {p['val_loss']:>14.4f} {o['val_loss']:>14.4f} "
-              f"{p['val_accuracy']:>13.4f} {o['val_accuracy']:>12.4f}")
-    print(f"val_accuracy, ours − plain over {len(diffs)} runs: mean {statistics.mean(diffs):+.4f}, "
-          f"median |diff| {statistics.median(abs(d) for d in diffs):.4f}, max |diff| {max(map(abs, diffs)):.4f} "
-          "(different shuffles and step grouping: same distribution, not the same bits)")
-    spread_plain = seed_spread(plain, lambda r: r["val_accuracy"])
-    spread_ours = seed_spread(ours, lambda r: r["final"]["val_accuracy"])
-    if spread_plain is not None:
-        print(f"val_accuracy seed spread (sd over seeds of a setting, mean over settings): "
-              f"plain {spread_plain:.4f}, ours {spread_ours:.4f}")
+    report(exp, plain, ours, plain_s, seconds, cpu)
+    return 0
+
+
+def report(exp, plain: dict, ours: dict[str, dict], plain_s: float, seconds: dict[str, float],
+           cpu: dict[str, float]) -> None:
+    """The per-run table, the accuracy comparisons, the compute floor and the speedups;
+    the last line is the speedup of the first of `ours`."""
+    names = sorted(plain)
+    print(f"\n{'run':<48} {'plain val_acc':>13} " + " ".join(f"{'ours ' + k:>16}" for k in ours))
+    for name in names:
+        print(f"{name:<48} {plain[name]['val_accuracy']:>13.4f} "
+              + " ".join(f"{ours[k][name]['final']['val_accuracy']:>16.4f}" for k in ours))
+    spread = seed_spread(plain, lambda r: r["val_accuracy"])
+    if spread is not None:
+        print(f"val_accuracy seed spread (sd over the seeds of a setting, mean over settings): plain {spread:.4f}, "
+              + ", ".join(f"ours {k} {seed_spread(m, lambda r: r['final']['val_accuracy']):.4f}"
+                          for k, m in ours.items()))
+    pairs = [(k, "plain", lambda n, k=k: ours[k][n]["final"]["val_accuracy"] - plain[n]["val_accuracy"]) for k in ours]
+    keys = list(ours)
+    pairs += [(b, a, lambda n, a=a, b=b: ours[b][n]["final"]["val_accuracy"] - ours[a][n]["final"]["val_accuracy"])
+              for i, a in enumerate(keys) for b in keys[i + 1:]]
+    for left, right, diff in pairs:
+        diffs = [diff(n) for n in names]
+        print(f"val_accuracy, ours {left} − {right if right == 'plain' else 'ours ' + right} over {len(diffs)} runs: "
+              f"mean {statistics.mean(diffs):+.4f}, median |diff| {statistics.median(abs(d) for d in diffs):.4f}, "
+              f"max |diff| {max(map(abs, diffs)):.4f}")
+    print("(different shuffles, step grouping or precision: the same distribution is expected, not the same bits)")
+    first = next(iter(ours.values()))
+    dataset = next(iter(first.values()))["dataset"]
+    for k, runs in ours.items():
+        print(f"ours {k}: engines {', '.join(sorted({m.get('engine', '?') for m in runs.values()}))}; "
+              f"precision {', '.join(sorted({m.get('precision', 'float32') for m in runs.values()}))}; "
+              f"all runs complete with per-step losses: "
+              f"{all(m['steps'] > 0 and m['status'] == COMPLETE for m in runs.values())}")
     flops = grid_flops(exp, dataset["train_examples"], dataset["validation_examples"])
     gflops = matmul_gflops()
-    print(f"ours: engines {', '.join(engines)}; precision {', '.join(precisions)}")
-    print(f"all runs complete with per-step losses: {steps_checked}")
     floor = f"compute floor: {flops / 1e12:.2f} TFLOP ÷ {gflops:.1f} GFLOP/s (1024² float32 matmul) " \
             f"= {flops / gflops / 1e9:.1f}s"
-    if "bfloat16" in precisions:
+    if "bfloat16" in ours:
         bf = matmul_gflops("bfloat16")
         floor += f"; ÷ {bf:.1f} GFLOP/s (bfloat16) = {flops / bf / 1e9:.1f}s"
     print(floor)
-    print(f"plain total {plain_s:.1f}s, ours total {ours_s:.1f}s")
-    print(f"speedup: {plain_s / ours_s:.2f}x")
-    return 0
+    for k, s in seconds.items():
+        print(f"plain total {plain_s:.1f}s, ours {k} total {s:.1f}s: {plain_s / s:.2f}x "
+              f"(CPU time: plain {cpu['plain']:.1f}s, ours {cpu[k]:.1f}s: {cpu['plain'] / cpu[k]:.2f}x)")
+    print(f"speedup: {plain_s / next(iter(seconds.values())):.2f}x")
 
 
 if __name__ == "__main__":
