@@ -7,8 +7,11 @@
         <run>/run.json                  the run's spec, status and final values (RUN_MANIFEST)
         <run>/events.out.tfevents.*     its hparams and run status (RUN_STATUS_TAG)
         <run>/train/events...           STEP_LOSS at steps 1..N, EPOCH_METRICS at epoch 0..E-1,
-                                        gradient noise (NOISE_PREFIX + NOISE_*_TAGS)
-        <run>/validation/events...      EPOCH_METRICS at epoch 0..E-1
+                                        gradient noise (NOISE_PREFIX + NOISE_*_TAGS), and the
+                                        EPOCH_METRICS again under `comparison_tags`
+        <run>/validation/events...      EPOCH_METRICS at epoch 0..E-1 (and their comparison tags)
+
+    The root's event file also holds the Custom Scalars layout (`trainer.events`).
 """
 from __future__ import annotations
 
@@ -53,6 +56,26 @@ def noise_tag(name: str) -> str:
 NOISE_TAGS = tuple(noise_tag(t) for t in NOISE_STEP_TAGS + NOISE_EPOCH_TAGS)
 # Every scalar tag our trainer writes, in a fixed order (the fused engine's tag ids).
 SCALAR_TAGS = (STEP_LOSS, *EPOCH_METRICS, *NOISE_TAGS)
+
+# -- TensorBoard's Custom Scalars tab ----------------------------------------------------
+# Its charts pick tags by regular expression, over every run: a chart of one batch size's
+# runs (BN on and off side by side) needs tags that only those runs write. So each epoch
+# metric is also written, at the same epoch index, under one tag naming the run's batch
+# size and one naming its batch-norm setting (`comparison_tags`). The report reads none
+# of them (`is_comparison_tag`): they repeat EPOCH_METRICS.
+COMPARE_PREFIX = "compare/"
+BN_NAMES = {True: "on", False: "off"}
+
+
+def comparison_tags(metric: str, batch_size: int, batch_norm: bool) -> tuple[str, str]:
+    """The copies of epoch `metric` for a run: by batch size, by batch-norm setting."""
+    return (f"{COMPARE_PREFIX}batch_size_{int(batch_size)}/{metric}",
+            f"{COMPARE_PREFIX}batch_norm_{BN_NAMES[bool(batch_norm)]}/{metric}")
+
+
+def is_comparison_tag(tag: str) -> bool:
+    return tag.startswith(COMPARE_PREFIX)
+
 
 # -- run statuses (run.json "status") ----------------------------------------------------
 RUNNING, COMPLETE, DIVERGED, FAILED, INTERRUPTED = "running", "complete", "diverged", "failed", "interrupted"

@@ -18,7 +18,7 @@ import pandas as pd
 
 from contract.files import write_atomic
 
-VERSION = 2
+VERSION = 3
 
 
 class ParseCache:

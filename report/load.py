@@ -18,7 +18,7 @@ import pandas as pd
 
 from contract.files import read_json_dict
 from contract.layout import (COMPLETE, EPOCH_LOSS, EVENT_FILE_GLOB, EXPERIMENT_MANIFEST, FINISHED, RUN_MANIFEST,
-                             SPLITS, STEP_LOSS, TEMPLATES, TRAIN)
+                             SPLITS, STEP_LOSS, TEMPLATES, TRAIN, is_comparison_tag)
 from contract.spec import RunSpec, SpecError
 from contract.stderr import quietly
 from report.cache import ParseCache
@@ -246,6 +246,8 @@ def _parse(path: Path) -> tuple[pd.DataFrame, dict]:
     df = SummaryReader(str(path)).tensors
     if not df.empty and df["value"].dtype == object:  # text and graph tensors (Keras' model config): no scalars
         df = df[df["value"].map(lambda v: isinstance(v, (int, float, np.number)) and not isinstance(v, bool))]
+    if not df.empty:  # TensorBoard's copies of the epoch metrics for its Custom Scalars charts
+        df = df[~df["tag"].map(is_comparison_tag)]
     df = empty if df.empty else df[["step", "tag", "value"]].astype({"value": float})
     return df, {"records": records, "error": None}
 

@@ -214,7 +214,8 @@ class LabLogger(keras.callbacks.Callback):
                               f"{self._schedule.examples} an epoch. Give the training arrays as probe_data",
                               stacklevel=2)
         for split in SPLITS:
-            events.write_scalars(self._writers[split], split_logs(logs, validation=split == VALIDATION), index)
+            events.write_scalars(self._writers[split], events.with_comparisons(
+                split_logs(logs, validation=split == VALIDATION), self.spec), index)
         self._flush_steps()
         self._measure(epoch_end=True)
         if self._schedule is not None:
@@ -279,6 +280,7 @@ class LabLogger(keras.callbacks.Callback):
             self.status = RUNNING
             _ACTIVE[key] = self
             events.write_run_hparams(self.run_dir, spec, trial_id=self.run)
+            events.write_run_layout(self.run_dir, spec)
             self._writers = {s: tf.summary.create_file_writer(str(self.run_dir / s)) for s in SPLITS}
             if self.noise is not None:
                 from trainer.noise_probe import GradientProbe

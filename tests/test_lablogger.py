@@ -188,6 +188,28 @@ def test_four_runs_make_the_report_with_fits_final_values(tmp_path, data):
     assert e["runs"] == [f"init={i},bs=64,bn={b},seed=0" for i in ("glorot_normal", "he_normal")
                          for b in ("off", "on")]
     assert e["experiment"]["author"] == "Ana Lima"
+    # TensorBoard's Custom Scalars tab: each run wrote its charts; merged, BN on and off of
+    # batch 64 are one chart, and the copies under its tag hold fit's epoch losses.
+    from tensorboard.backend.event_processing import plugin_event_multiplexer
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+    from tensorboard.util import tensor_util
+
+    mux = plugin_event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(exp))
+    mux.Reload()
+    titles = set()
+    for run in mux.Runs():
+        if metadata.CONFIG_SUMMARY_TAG in mux.GetAccumulator(run).Tags()["tensors"]:
+            (event,) = mux.Tensors(run, metadata.CONFIG_SUMMARY_TAG)
+            layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+            titles |= {c.title for cat in layout.category for c in cat.chart}
+    assert {"batch 64: loss, BN on and off", "BN on: loss, batch sizes side by side",
+            "BN off: loss, batch sizes side by side"} <= titles
+    for init, bn in finals:
+        run = f"init={init},bs=64,bn={'on' if bn else 'off'},seed=0/validation"
+        values = [float(tensor_util.make_ndarray(e.tensor_proto))
+                  for e in mux.Tensors(run, "compare/batch_size_64/epoch_loss")]
+        np.testing.assert_allclose(values, finals[(init, bn)]["val_loss"], rtol=1e-6)
     out = tmp_path / "report"
     assert main(["--logdir", str(exp), "--out", str(out), "--format", "html"]) == 0
     html = (out / "report.html").read_text()

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.cli import main
 from contract.layout import NOISE_EPOCH_TAGS as EPOCH_TAGS
 from contract.layout import NOISE_PREFIX as PREFIX
 from contract.layout import NOISE_STEP_TAGS as STEP_TAGS
 from contract.spec import RunSpec
+from trainer.cli import main
 
 pytestmark = pytest.mark.slow
 N_TRAIN = 1200  # conftest.synthetic_arrays; smoke validates on the test set
@@ -53,8 +53,16 @@ def test_event_files_hold_exact_tags_and_steps(smoke):
         tags = {s: set(run[run["split"] == s]["tag"]) for s in ("train", "validation")}
         gradient = {t for t in tags["train"] if t.startswith(PREFIX)}  # checked in test_noise.py
         assert gradient and gradient <= {PREFIX + t for t in STEP_TAGS + EPOCH_TAGS}
+        bn = "on" if spec.batch_norm else "off"
+        compare = {f"compare/{axis}/{m}" for axis in (f"batch_size_{spec.batch_size}", f"batch_norm_{bn}")
+                   for m in ("epoch_loss", "epoch_accuracy")}
         assert {"train": tags["train"] - gradient, "validation": tags["validation"]} == {
-            "train": {"epoch_loss", "epoch_accuracy", "step_loss"}, "validation": {"epoch_loss", "epoch_accuracy"}}
+            "train": {"epoch_loss", "epoch_accuracy", "step_loss", *compare},
+            "validation": {"epoch_loss", "epoch_accuracy", *compare}}
+        for split in ("train", "validation"):  # the copies hold the epoch metrics' values
+            rows = run[run["split"] == split].set_index(["tag", "step"])["value"]
+            for tag in compare:
+                assert rows[tag].tolist() == rows[tag.rsplit("/", 1)[1]].tolist()
         steps = run[run["tag"] == "step_loss"]["step"].tolist()
         run = run[~run["tag"].str.startswith(PREFIX)]
         assert steps == list(range(1, math.ceil(N_TRAIN / spec.batch_size) + 1))
@@ -102,6 +110,59 @@ def test_tensorboard_sees_runs_and_hparams(smoke):
     # the validation metric TensorBoard's HParams table shows for a run
     events = mux.Tensors(f"{names[0]}/validation", "epoch_loss")
     assert len(events) == 1
+
+
+def test_custom_scalars_tab_opens_on_the_documents_comparisons(smoke):
+    """Read through TensorBoard's own Custom Scalars plugin: the layout at the experiment
+    root, and the runs and tags each chart shows."""
+    from tensorboard.backend.event_processing import (
+        data_provider,
+        plugin_event_multiplexer,
+    )
+    from tensorboard.context import RequestContext
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.custom_scalar.custom_scalars_plugin import (
+        CustomScalarsPlugin,
+    )
+    from tensorboard.plugins.scalar.scalars_plugin import ScalarsPlugin
+
+    _, exp_dir, exp = smoke
+    mux = plugin_event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(exp_dir))
+    mux.Reload()
+    plugins = {}
+    context = base_plugin.TBContext(logdir=str(exp_dir), multiplexer=mux, plugin_name_to_instance=plugins,
+                                    data_provider=data_provider.MultiplexerDataProvider(mux, str(exp_dir)))
+    plugins["scalars"] = ScalarsPlugin(context)
+    custom = CustomScalarsPlugin(context)
+    ctx = RequestContext()
+    layout = json.loads(custom.layout_impl(ctx, ""))
+    charts = {c["title"]: c["multiline"]["tag"] for cat in layout["category"] for c in cat["chart"]}
+    assert [cat["title"] for cat in layout["category"]] == [
+        "Per batch size: BN on and off, train and validation", "Per batch-norm setting: batch sizes side by side",
+        "Gradient noise"]
+    assert list(charts)[:6] == ["batch 64: loss, BN on and off", "batch 64: accuracy, BN on and off",
+                                "batch 256: loss, BN on and off", "batch 256: accuracy, BN on and off",
+                                "BN off: loss, batch sizes side by side", "BN off: accuracy, batch sizes side by side"]
+
+    def shown(title):
+        """{(run, tag)} the chart draws, as the frontend asks: each run, the chart's regex."""
+        out = set()
+        for run in mux.Runs():
+            for pattern in charts[title]:
+                out |= {(run, tag) for tag in custom.scalars_impl(ctx, run, pattern, "")["tag_to_events"]}
+        return out
+
+    names = {s: exp.run_name(s) for s in exp.runs}
+    want = {(f"{names[s]}/{split}", "compare/batch_size_64/epoch_loss")
+            for s in exp.runs if s.batch_size == 64 for split in ("train", "validation")}
+    assert shown("batch 64: loss, BN on and off") == want
+    assert {s.batch_norm for s in exp.runs if s.batch_size == 64} == {False, True}
+    assert {run.rsplit("/", 1)[0] for run, _ in shown("BN on: accuracy, batch sizes side by side")} == {
+        names[s] for s in exp.runs if s.batch_norm}
+    noise = shown("B_simple at epoch ends, with its 95% interval")
+    assert {tag for _, tag in noise} >= {"gradient/epoch_b_simple"} and {r for r, _ in noise} <= {
+        f"{n}/train" for n in names.values()}
 
 
 def test_rerun_skips_complete_runs_and_restarts_partial_ones(smoke, synthetic_npz, capsys):

@@ -179,8 +179,10 @@ def _train_epochs(experiment, spec: RunSpec, data: Dataset, program: Program, t:
         state["final"] = final = {"loss": loss_sum / n_train, "accuracy": right_sum / n_train,
                                   "val_loss": val_loss, "val_accuracy": val_accuracy}
         # As trainer.fit.EpochScalars: epoch_* in train/ and validation/ at the epoch index.
-        writer.add(0, TRAIN, {EPOCH_LOSS: final["loss"], EPOCH_ACCURACY: final["accuracy"]}, epoch)
-        writer.add(0, VALIDATION, {EPOCH_LOSS: val_loss, EPOCH_ACCURACY: val_accuracy}, epoch)
+        writer.add(0, TRAIN, events.with_comparisons(
+            {EPOCH_LOSS: final["loss"], EPOCH_ACCURACY: final["accuracy"]}, spec), epoch)
+        writer.add(0, VALIDATION, events.with_comparisons({EPOCH_LOSS: val_loss, EPOCH_ACCURACY: val_accuracy}, spec),
+                   epoch)
         if noise is not None:
             writer.add(0, TRAIN, noise.epoch_values(0, roughness(np.concatenate(epoch_losses))), epoch)
         writer.write(losses[:, None], first_step, np.array([n]))

@@ -1,10 +1,11 @@
 """Everything the trainer writes to TensorBoard, for both engines: the HParams config and
-per-run hparams, the run status, eager scalars (the Keras engine) and the fused engine's
-batched graph writer. One rule for every scalar: None and non-finite values are left out
+per-run hparams, the Custom Scalars layout, the run status, eager scalars (the Keras
+engine) and the fused engine's batched graph writer. One rule for every scalar: None and non-finite values are left out
 (`loggable`)."""
 from __future__ import annotations
 
 import math
+import re
 import tempfile
 import threading
 import time
@@ -16,8 +17,12 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 from tensorboard.plugins.scalar import metadata as scalar_metadata
 
-from contract.layout import (COMPLETE, DIVERGED, EPOCH_ACCURACY, EPOCH_LOSS, EVENT_FILE_GLOB, FAILED,
-                             INTERRUPTED, RUN_STATUS_TAG, SCALAR_TAGS, SPLITS, STEP_LOSS, TRAIN, VALIDATION)
+from contract.layout import (BN_NAMES, COMPLETE, DIVERGED, EPOCH_ACCURACY, EPOCH_LOSS, EPOCH_METRICS,
+                             EVENT_FILE_GLOB, FAILED, INTERRUPTED, NOISE_AT_BATCH, NOISE_B_SIMPLE,
+                             NOISE_COSINE, NOISE_EPOCH_AT_BATCH, NOISE_EPOCH_B_HIGH, NOISE_EPOCH_B_LOW,
+                             NOISE_EPOCH_B_SIMPLE, NOISE_EPOCH_COSINE, NOISE_G2, NOISE_ROUGHNESS,
+                             NOISE_TRACE, RUN_STATUS_TAG, SCALAR_TAGS, SPLITS, STEP_LOSS, TRAIN, VALIDATION,
+                             comparison_tags, noise_tag)
 from contract.spec import RUN_FIELDS, RunSpec
 from trainer.spec import Experiment
 
@@ -63,9 +68,78 @@ def write_hparams_config(exp_dir: Path, experiment: Experiment) -> None:
     writer = tf.summary.create_file_writer(str(exp_dir))
     with writer.as_default():
         hp.hparams_config(hparams=hparams, metrics=metrics)
+        _write_layout(values["batch_size"], values["batch_norm"])
     writer.close()
     for path in old:
         path.unlink(missing_ok=True)
+
+
+def write_run_layout(run_dir: Path, spec: RunSpec) -> None:
+    """One run's Custom Scalars charts, at its root (for runs logged outside a grid, by
+    `tblab.LabLogger`): TensorBoard merges every run's layout, one chart per title."""
+    writer = tf.summary.create_file_writer(str(run_dir))
+    with writer.as_default():
+        _write_layout([spec.batch_size], [spec.batch_norm])
+    writer.close()
+
+
+def with_comparisons(values: dict, spec: RunSpec) -> dict:
+    """Epoch scalars `values` and, for each epoch metric among them, its copies under the
+    run's comparison tags (`contract.layout.comparison_tags`)."""
+    out = dict(values)
+    for metric in EPOCH_METRICS:
+        if metric in values:
+            out.update(dict.fromkeys(comparison_tags(metric, spec.batch_size, spec.batch_norm), values[metric]))
+    return out
+
+
+def _chart(title: str, *patterns: str):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    return layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(tag=list(patterns)))
+
+
+def custom_scalars_layout(batch_sizes, batch_norms):
+    """The Custom Scalars tab as the documents compare runs: per batch size, the loss and
+    accuracy of train and validation with BN on and off in one chart; per BN setting, the
+    batch sizes in one chart; the gradient-noise tags grouped. Each chart's tag regex
+    matches one comparison tag exactly, so it holds only the runs of its setting (the
+    run names tell them apart: `<run>/train`, `<run>/validation`)."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    def exact(tag: str) -> str:
+        return f"^{re.escape(tag)}$"
+
+    def noise(*names: str) -> str:
+        return "^(" + "|".join(re.escape(noise_tag(n)) for n in names) + ")$"
+
+    sizes = sorted({int(b) for b in batch_sizes})
+    norms = [bn for bn in (False, True) if bn in {bool(b) for b in batch_norms}]
+    per_size = [_chart(f"batch {b}: {metric.removeprefix('epoch_')}, BN on and off",
+                       exact(comparison_tags(metric, b, False)[0]))
+                for b in sizes for metric in EPOCH_METRICS]
+    per_bn = [_chart(f"BN {BN_NAMES[bn]}: {metric.removeprefix('epoch_')}, batch sizes side by side",
+                     exact(comparison_tags(metric, sizes[0], bn)[1]))
+              for bn in norms for metric in EPOCH_METRICS]
+    gradient = [_chart("B_simple at each measurement", noise(NOISE_B_SIMPLE)),
+                _chart("B_simple at epoch ends, with its 95% interval",
+                       noise(NOISE_EPOCH_B_SIMPLE, NOISE_EPOCH_B_LOW, NOISE_EPOCH_B_HIGH)),
+                _chart("|G|² and tr Σ, single estimates", noise(NOISE_G2, NOISE_TRACE)),
+                _chart("noise at the run's batch size, tr Σ / B", noise(NOISE_AT_BATCH, NOISE_EPOCH_AT_BATCH)),
+                _chart("cosine of a batch gradient with the big batch's", noise(NOISE_COSINE, NOISE_EPOCH_COSINE)),
+                _chart("step-loss roughness", noise(NOISE_ROUGHNESS))]
+    return layout_pb2.Layout(category=[
+        layout_pb2.Category(title="Per batch size: BN on and off, train and validation", chart=per_size),
+        layout_pb2.Category(title="Per batch-norm setting: batch sizes side by side", chart=per_bn),
+        layout_pb2.Category(title="Gradient noise", chart=gradient, closed=True)])
+
+
+def _write_layout(batch_sizes, batch_norms) -> None:
+    """The Custom Scalars layout, into the default writer (as `summary.custom_scalar_pb`)."""
+    from tensorboard.summary.v1 import custom_scalar_pb
+
+    pb = custom_scalar_pb(custom_scalars_layout(batch_sizes, batch_norms))
+    tf.summary.experimental.write_raw_pb(pb.SerializeToString(), step=0)
 
 
 def write_run_hparams(run_dir: Path, spec: RunSpec, trial_id: str) -> None:
@@ -103,10 +177,9 @@ def write_scalars(writer, values: dict, step: int) -> None:
 _SCALAR_METADATA = scalar_metadata.create_summary_metadata(display_name=None, description=None).SerializeToString()
 
 
-def _write_rows_impl(handles, offsets, tags, values, steps):
+def _write_rows_impl(handles, offsets, names, tags, values, steps):
     """Rows offsets[k] ≤ r < offsets[k + 1] to the summary writer handles[k]: the event
-    `tf.summary.scalar(SCALAR_TAGS[tags[r]], values[r], step=steps[r])` writes."""
-    names = tf.constant(SCALAR_TAGS)
+    `tf.summary.scalar(names[tags[r]], values[r], step=steps[r])` writes."""
     for k, handle in enumerate(handles):
         def write(r, handle=handle):
             tf.raw_ops.WriteSummary(writer=handle, step=steps[r], tensor=values[r],
@@ -131,7 +204,7 @@ def _write_rows(streams: int):
             _WRITE_ROWS[streams] = tf.function(
                 _write_rows_impl, autograph=False,
                 input_signature=[[tf.TensorSpec([], tf.resource)] * streams,
-                                 tf.TensorSpec([streams + 1], tf.int32), *rows])
+                                 tf.TensorSpec([streams + 1], tf.int32), tf.TensorSpec([None], tf.string), *rows])
         return _WRITE_ROWS[streams]
 
 
@@ -143,7 +216,8 @@ def warm_up(members: int) -> None:
     with tempfile.TemporaryDirectory(prefix="events-warm-up-") as tmp:
         writers = [tf.summary.create_file_writer(f"{tmp}/{k}") for k in range(streams)]
         _write_rows(streams)([w._resource for w in writers], np.zeros(streams + 1, np.int32),
-                             np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+                             np.array(SCALAR_TAGS, dtype=object), np.zeros(0, np.int32),
+                             np.zeros(0, np.float32), np.zeros(0, np.int64))
         for w in writers:
             w.close()
 
@@ -163,7 +237,8 @@ class BatchedWriter:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="events")
         self._pending: list = []
         self.members = len(writers)
-        self.tag_ids = {tag: i for i, tag in enumerate(SCALAR_TAGS)}
+        self.tag_ids = {tag: i for i, tag in enumerate(SCALAR_TAGS)}  # comparison tags join in `add`
+        self._names_tensor: tf.Tensor | None = None
         self.rows: list[tuple[int, int, float, int]] = []  # (stream, tag id, value, step)
         # Streams: per split (SPLITS order), the members' writers. `_resource`
         # is the handle `tf.summary.write` itself uses; TensorFlow has no public accessor.
@@ -174,7 +249,8 @@ class BatchedWriter:
         stream = SPLITS.index(split) * self.members + member
         for tag, value in values.items():
             if loggable(value):
-                self.rows.append((stream, self.tag_ids[tag], float(value), int(step)))
+                tag_id = self.tag_ids.setdefault(tag, len(self.tag_ids))
+                self.rows.append((stream, tag_id, float(value), int(step)))
 
     def write(self, losses: np.ndarray, first_step: int, counts: np.ndarray) -> None:
         """losses[:counts[j], j] at steps first_step, first_step + 1, … and the added rows."""
@@ -195,9 +271,15 @@ class BatchedWriter:
         order = np.argsort(streams, kind="stable")
         offsets = np.searchsorted(streams[order], np.arange(len(self.handles) + 1)).astype(np.int32)
         self._pending.append(self._thread.submit(
-            _write_rows(len(self.handles)), self.handles, offsets, np.concatenate(tags)[order],
+            _write_rows(len(self.handles)), self.handles, offsets, self._names(), np.concatenate(tags)[order],
             np.concatenate(values).astype(np.float32)[order], np.concatenate(steps).astype(np.int64)[order]))
         self.rows = []
+
+    def _names(self) -> tf.Tensor:
+        """The tag names by id, as a tensor made again only when a tag joined."""
+        if self._names_tensor is None or self._names_tensor.shape[0] != len(self.tag_ids):
+            self._names_tensor = tf.constant(list(self.tag_ids))
+        return self._names_tensor
 
     def drain(self) -> None:
         """Wait until everything given to `write` is with the writers."""

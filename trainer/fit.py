@@ -28,9 +28,9 @@ class EpochScalars(keras.callbacks.Callback):
     on the first non-finite loss and remembers that it diverged.
     """
 
-    def __init__(self, writers: dict):
+    def __init__(self, writers: dict, spec: RunSpec):
         super().__init__()
-        self.writers = writers
+        self.writers, self.spec = writers, spec
         self.diverged = False
         self.diverged_at: int | None = None
         self.epochs_done = 0
@@ -55,7 +55,7 @@ class EpochScalars(keras.callbacks.Callback):
             prefix = "val_" if split == VALIDATION else ""
             values = {f"epoch_{k.removeprefix(prefix)}": v for k, v in logs.items()
                       if k.startswith("val_") == bool(prefix)}
-            events.write_scalars(writer, values, epoch)
+            events.write_scalars(writer, events.with_comparisons(values, self.spec), epoch)
             faults.point("flush")
             writer.flush()
         self.epochs_done = epoch + 1
@@ -76,7 +76,7 @@ def train_run(experiment: Experiment, spec: RunSpec, data: Dataset, run_dir: Pat
     # depend on how many runs this process trained before.
     keras.backend.clear_session()
     writers = {s: tf.summary.create_file_writer(str(run_dir / s)) for s in SPLITS}
-    scalars = EpochScalars(writers)
+    scalars = EpochScalars(writers, spec)
     noise = None
     model = None
     start = time.perf_counter()

@@ -186,9 +186,10 @@ def train_pack(experiment: Experiment, specs: list[RunSpec], data: Dataset, run_
             epoch_losses = np.concatenate(epoch_losses)
             for j, final in enumerate(state["final"]):
                 if alive[j]:
-                    writer.add(j, TRAIN, {EPOCH_LOSS: final["loss"], EPOCH_ACCURACY: final["accuracy"]}, epoch)
-                    writer.add(j, VALIDATION, {EPOCH_LOSS: final["val_loss"],
-                                               EPOCH_ACCURACY: final["val_accuracy"]}, epoch)
+                    writer.add(j, TRAIN, events.with_comparisons(
+                        {EPOCH_LOSS: final["loss"], EPOCH_ACCURACY: final["accuracy"]}, specs[j]), epoch)
+                    writer.add(j, VALIDATION, events.with_comparisons(
+                        {EPOCH_LOSS: final["val_loss"], EPOCH_ACCURACY: final["val_accuracy"]}, specs[j]), epoch)
                     if noise is not None:
                         writer.add(j, TRAIN, noise.epoch_values(j, roughness(epoch_losses[:, j])), epoch)
             writer.write(losses, first_step, written)  # the epoch's last chunk, and its epoch scalars
