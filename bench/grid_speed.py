@@ -213,7 +213,12 @@ def seed_spread(results: dict[str, dict], key) -> float | None:
 def main(argv=None) -> int:
     # TensorFlow's start-up lines, this process's and both sides' (they inherit descriptor 2),
     # kept off the terminal; anything else either side prints on stderr is shown.
-    return quietly(lambda: _main(argv))
+    try:
+        return quietly(lambda: _main(argv))
+    except subprocess.CalledProcessError as exc:  # its own message (e.g. no dataset) is already printed
+        side = "our" if exc.cmd[2] == "trainer" else "the plain"
+        print(f"error: {side} side stopped (exit {exc.returncode}); nothing was measured", file=sys.stderr)
+        return exc.returncode or 1
 
 
 def _main(argv) -> int:

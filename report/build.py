@@ -340,6 +340,10 @@ class Builder:
             f"{k} {', '.join(sorted(v))}" for k, v in sorted(versions.items())) + ".")
         hw = {(m.get("hardware") or {}).get("cpu", "?") for m in logs.manifests.values()}
         self.doc.text(sec, f"Hardware: {'; '.join(sorted(hw))}. Log folder SHA-256: {logs.digest}.")
+        precisions = _recorded(logs.manifests, "precision")
+        mixed = " (mixed: bfloat16 matmuls and activations, float32 weights and loss)" if "bfloat16" in precisions else ""
+        self.doc.text(sec, f"Training engine: {', '.join(_recorded(logs.manifests, 'engine'))}. "
+                           f"Arithmetic precision: {', '.join(precisions)}{mixed}.")
         order = [c for c in [*self.factors, "seed", "run"] if c in logs.runs]
         packed = False
         rows, data = [], []
@@ -438,3 +442,7 @@ def draft_line(logs: Logs) -> str:
             "the numbers below leave them out")
 
 
+def _recorded(manifests: dict, key: str) -> list[str]:
+    """The distinct values of run.json's `key` over the runs ("not recorded" for runs
+    without it: logs written before it was, or by others)."""
+    return sorted({str(m.get(key) or "not recorded") for m in manifests.values()}) or ["not recorded"]

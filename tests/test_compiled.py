@@ -323,6 +323,12 @@ def test_bfloat16_grid_with_seeds_finishes_close_to_float32(tmp_path, synthetic_
             df = SummaryReader(str(logdir / "seeds")).tensors
             step_loss = df[df["tag"] == "step_loss"]["value"].astype(float)
             assert len(step_loss) == 6 * 2 * math.ceil(1200 / 50) and np.isfinite(step_loss).all()
+        from report.api import make_report  # the report says how the runs were trained
+
+        out = make_report(logdir / "seeds", tmp_path / precision / "report", formats=("html",), use_cache=False)
+        text = (out.out / "report.html").read_text()
+        engine = "fused" if precision == "float32" else "compiled"
+        assert f"Training engine: {engine}. Arithmetic precision: {precision}" in text
     for bn in (False, True):
         f32 = np.array([acc["float32", bn, s] for s in range(3)])
         bf16 = np.array([acc["bfloat16", bn, s] for s in range(3)])
