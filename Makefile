@@ -27,7 +27,8 @@ REPORT_ARGS := --logdir $(LOGDIR)/$(EXPERIMENT) --out $(REPORTS)/$(EXPERIMENT) \
 	$(if $(AUTHOR),--author "$(AUTHOR)") $(if $(STUDENT_ID),--student-id "$(STUDENT_ID)") \
 	$(if $(DATE),--date "$(DATE)") $(if $(VERBOSE),--verbose)
 BENCH_ARGS := --experiment $(EXPERIMENT) $(if $(QUICK),--quick) $(if $(WORKERS),--workers $(WORKERS)) \
-	$(if $(DATA),--data $(DATA))
+	$(if $(DATA),--data $(DATA)) $(if $(DATASET),--dataset $(DATASET)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
+	$(if $(LIMIT),--limit $(LIMIT)) $(if $(PRECISION),--precision $(PRECISION))
 
 .DEFAULT_GOAL := help
 .PHONY: help venv dataset tex train report test bench bench-report bench-noise tensorboard clean
@@ -90,7 +91,7 @@ test: $(STAMP) tex
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 ## bench: documents' plain model.fit vs our trainer on EXPERIMENT's grid, in temporary folders;
-##   QUICK=1 reduced (6,000 images, 2 epochs), WORKERS=N, DATA=PATH
+##   QUICK=1 reduced (6,000 images, 2 epochs), DATASET=, EPOCHS=, LIMIT=, PRECISION=float32,bfloat16, WORKERS=N, DATA=PATH
 bench: $(STAMP) dataset
 	$(BIN)/python -m bench.grid_speed $(BENCH_ARGS)
 

@@ -102,6 +102,9 @@ def test_report_of_four_plain_callback_runs_holds_the_logged_final_values(fit_lo
     assert main(["--logdir", str(root), "--out", str(out), "--factors", PATTERN, "--format", "html"]) == 0
     html = (out / "report.html").read_text()
     assert "DRAFT" not in html and "Data problems" in html and "written by others" in html
+    # what such logs do not record is said so, not left blank
+    assert ("Library versions: not recorded.<" in html and "Hardware: not recorded. Log folder" in html
+            and "Training engine: not recorded. Arithmetic precision: not recorded." in html)
     for init, pretty in (("xavier", "Xavier (Glorot) normal"), ("he", "He normal")):
         assert f"{pretty} weight initialization" in html  # the lab template: one section per initializer
         for metric, split, key in (("train_loss", "train", "loss"), ("val_loss", "validation", "val_loss")):
