@@ -77,6 +77,11 @@ def is_comparison_tag(tag: str) -> bool:
     return tag.startswith(COMPARE_PREFIX)
 
 
+# run.json's key that says a run wrote the comparison tags (runs logged before they existed
+# did not, and are missing from the Custom Scalars charts until retrained).
+COMPARISON_MANIFEST_KEY = "comparison_tags"
+
+
 # -- run statuses (run.json "status") ----------------------------------------------------
 RUNNING, COMPLETE, DIVERGED, FAILED, INTERRUPTED = "running", "complete", "diverged", "failed", "interrupted"
 STATUSES = (RUNNING, COMPLETE, DIVERGED, FAILED, INTERRUPTED)

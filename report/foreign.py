@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from contract.layout import (EPOCH_ACCURACY, EPOCH_LOSS, EVENT_FILE_GLOB, NOISE_TAGS, RUN_MANIFEST, STEP_LOSS,
-                             TRAIN, VALIDATION)
+                             TRAIN, VALIDATION, is_comparison_tag)
 
 SPLIT_FOLDERS = {TRAIN: TRAIN, "training": TRAIN, VALIDATION: VALIDATION, "val": VALIDATION,
                  "valid": VALIDATION, "eval": VALIDATION, "evaluation": VALIDATION, "test": VALIDATION}
@@ -222,6 +222,8 @@ def to_our_tags(frames: list[tuple[str | None, pd.DataFrame]]) -> Read:
     series, unused, has_batch = [], set(), False
     for folder_split, df in frames:
         for tag, g in df.groupby("tag", sort=True):
+            if is_comparison_tag(str(tag)):  # our layout's copies for TensorBoard's Custom Scalars
+                continue
             has_batch |= str(tag).startswith("batch_")
             if folder_split == TRAIN and tag in NOISE_TAGS:  # our trainer's own gradient-noise tags
                 series.append(((TRAIN, tag, "keep", 0), tag, g))

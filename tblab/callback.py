@@ -27,8 +27,8 @@ import numpy as np
 import tensorflow as tf
 
 from contract import files
-from contract.layout import (COMPLETE, DIVERGED, FAILED, INTERRUPTED, RUN_MANIFEST, RUNNING, SPLITS,
-                             TEMPLATES, TRAIN, VALIDATION)
+from contract.layout import (COMPARISON_MANIFEST_KEY, COMPLETE, DIVERGED, FAILED, INTERRUPTED, RUN_MANIFEST,
+                             RUNNING, SPLITS, TEMPLATES, TRAIN, VALIDATION)
 from contract.noise import NoiseSchedule, check_examples, roughness
 from contract.spec import NoiseSettings
 from tblab import infer
@@ -309,6 +309,7 @@ class LabLogger(keras.callbacks.Callback):
             "seed": self.spec.seed, "status": RUNNING, "start_time": _now(), "end_time": None,
             "wall_seconds": None, "pack": pack_entry([self.run], 0), "steps": 0, "examples_seen": 0,
             "epochs_completed": 0, "final": {}, "dataset": self._dataset(), "engine": "keras",
+            "precision": _precision(model), COMPARISON_MANIFEST_KEY: True,
             "steps_per_execution": int(getattr(model, "steps_per_execution", 1) or 1),
             "versions": library_versions(), "hardware": hardware(),
             "worker": {"pid": os.getpid(), "host": socket.gethostname()}, "model": summary,
@@ -432,3 +433,11 @@ class LabLogger(keras.callbacks.Callback):
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _precision(model) -> str:
+    """The model's compute dtype ("float32", "bfloat16" under Keras' mixed_bfloat16, …)."""
+    import keras
+
+    policy = getattr(model, "dtype_policy", None) or keras.mixed_precision.global_policy()
+    return str(getattr(policy, "compute_dtype", None) or "float32")

@@ -316,3 +316,14 @@ def test_lab_report_of_per_epoch_only_runs_over_two_batch_sizes(tmp_path):
                     tf.summary.scalar("epoch_loss", 1.0 - 0.1 * epoch, step=epoch)
     assert main(["--logdir", str(root), "--out", str(tmp_path / "out"), "--factors", PATTERN,
                  "--format", "html"]) == 0
+
+
+def test_our_comparison_copies_are_not_listed_as_unused_tags():
+    """Our layout read as written by others (run.json lost): the compare/ copies of the
+    epoch metrics are TensorBoard's, neither used nor reported as unused."""
+    from report.foreign import to_our_tags
+
+    frame = pd.DataFrame({"step": [0, 1, 0, 1], "tag": ["epoch_loss"] * 2 + ["compare/batch_size_64/epoch_loss"] * 2,
+                          "value": [0.5, 0.4, 0.5, 0.4]})
+    read = to_our_tags([("validation", frame)])
+    assert read.unused == [] and set(read.scalars["tag"]) == {"epoch_loss"}

@@ -122,6 +122,7 @@ def test_step_losses_are_each_steps_exact_loss_and_epoch_scalars_are_fits_histor
     assert m["dataset"]["train_examples"] == N and m["dataset"]["validation_examples"] == 128
     assert m["examples_seen"] == EPOCHS * N and m["wall_seconds"] > 0
     assert m["final"]["loss"] == pytest.approx(history["loss"][-1]) and "gradient_noise" not in m
+    assert m["precision"] == "float32" and m["comparison_tags"] is True
     assert {"keras", "tensorflow", "python"} <= set(m["versions"]) and m["hardware"]["cpu_count"]
     assert [layer["type"] for layer in m["model"]["layers"]] == ["Dense", "BatchNormalization", "Dense"]
 

@@ -165,6 +165,36 @@ def test_custom_scalars_tab_opens_on_the_documents_comparisons(smoke):
         f"{n}/train" for n in names.values()}
 
 
+def test_a_skipped_run_logged_before_the_comparison_tags_is_named(smoke, synthetic_npz, capsys):
+    _, exp_dir, exp = smoke
+    path = exp_dir / exp.run_name(exp.runs[0]) / "run.json"
+    text = path.read_text()
+    manifest = json.loads(text)
+    assert manifest.pop("comparison_tags") is True  # every run of this trainer writes them
+    path.write_text(json.dumps(manifest))
+    try:
+        capsys.readouterr()
+        assert main(["--experiment", "smoke", "--data", str(synthetic_npz), "--logdir", str(exp_dir.parent)]) == 0
+        out = capsys.readouterr().out
+    finally:
+        path.write_text(text)
+    assert out.count("already complete, skipped") == len(exp.runs)  # still reused: its numbers are the same
+    assert "note: 1 skipped run(s) were logged before the compare/ tags" in out and exp.run_name(exp.runs[0]) in out
+
+
+def test_the_batched_writer_refuses_a_tag_outside_the_layout(tmp_path):
+    import tensorflow as tf
+
+    from trainer.events import BatchedWriter
+
+    writers = [{s: tf.summary.create_file_writer(str(tmp_path / s)) for s in ("train", "validation")}]
+    writer = BatchedWriter(writers)
+    writer.add(0, "train", {"compare/batch_size_64/epoch_loss": 0.5, "epoch_loss": 0.5}, 0)
+    with pytest.raises(KeyError, match="not a tag of the log layout: 'epoch_los'"):
+        writer.add(0, "train", {"epoch_los": 0.5}, 0)
+    writer.close()
+
+
 def test_rerun_skips_complete_runs_and_restarts_partial_ones(smoke, synthetic_npz, capsys):
     _, exp_dir, exp = smoke
     names = [exp.run_name(s) for s in exp.runs]

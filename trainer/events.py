@@ -22,7 +22,7 @@ from contract.layout import (BN_NAMES, COMPLETE, DIVERGED, EPOCH_ACCURACY, EPOCH
                              NOISE_COSINE, NOISE_EPOCH_AT_BATCH, NOISE_EPOCH_B_HIGH, NOISE_EPOCH_B_LOW,
                              NOISE_EPOCH_B_SIMPLE, NOISE_EPOCH_COSINE, NOISE_G2, NOISE_ROUGHNESS,
                              NOISE_TRACE, RUN_STATUS_TAG, SCALAR_TAGS, SPLITS, STEP_LOSS, TRAIN, VALIDATION,
-                             comparison_tags, noise_tag)
+                             comparison_tags, is_comparison_tag, noise_tag)
 from contract.spec import RUN_FIELDS, RunSpec
 from trainer.spec import Experiment
 
@@ -249,6 +249,8 @@ class BatchedWriter:
         stream = SPLITS.index(split) * self.members + member
         for tag, value in values.items():
             if loggable(value):
+                if tag not in self.tag_ids and not is_comparison_tag(tag):
+                    raise KeyError(f"not a tag of the log layout: {tag!r}")
                 tag_id = self.tag_ids.setdefault(tag, len(self.tag_ids))
                 self.rows.append((stream, tag_id, float(value), int(step)))
 

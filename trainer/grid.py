@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from contract.layout import EXPERIMENT_MANIFEST, FAILED
+from contract.layout import COMPARISON_MANIFEST_KEY, EXPERIMENT_MANIFEST, FAILED
 from contract.spec import RunSpec
 from trainer import data as datasets
 from trainer.as_run import as_run_text
@@ -172,6 +172,12 @@ def run_grid(experiment: Experiment, *, logdir: Path, verbose: int = 0,
         if finished[i]:
             count("skipped")
             print(f"run {i + 1}/{total} {names[i]}: already {finished[i]['status']}, skipped", file=out, flush=True)
+    older = [names[i] for i in selected if finished[i] and not finished[i].get(COMPARISON_MANIFEST_KEY)]
+    if older:
+        print(f"note: {len(older)} skipped run(s) were logged before the compare/ tags TensorBoard's Custom "
+              f"Scalars charts select by ({', '.join(older[:3])}{' …' if len(older) > 3 else ''}): those charts "
+              f"leave them out (the report does not need the tags). To include them, retrain: make clean "
+              f"EXPERIMENT={experiment.name}, then make train", file=out, flush=True)
     todo = [i for i in selected if not finished[i]]
     tasks = [Task(experiment, pack, str(exp_dir), allow_download, verbose) for pack in experiment.packs(todo)]
     if executor == "ray":

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from contract import files
-from contract.layout import DIVERGED, FAILED, FINISHED, INTERRUPTED, RUN_MANIFEST, RUNNING
+from contract.layout import COMPARISON_MANIFEST_KEY, DIVERGED, FAILED, FINISHED, INTERRUPTED, RUN_MANIFEST, RUNNING
 from contract.spec import RunSpec
 from trainer import events, faults
 from trainer.data import Dataset
@@ -104,7 +104,7 @@ def begin_run(experiment: Experiment, spec: RunSpec, data: Dataset, run_dir: Pat
         "pack": pack or pack_entry([run_dir.name], 0), "steps": 0,
         "examples_seen": 0, "epochs_completed": 0, "final": {},
         "dataset": data.describe(), "engine": experiment.engine_of(spec), "precision": precision_of(experiment),
-        "steps_per_execution": experiment.steps_per_execution,
+        "steps_per_execution": experiment.steps_per_execution, COMPARISON_MANIFEST_KEY: True,
         "versions": library_versions(), "hardware": hardware(),
         "worker": {"pid": os.getpid(), "host": socket.gethostname()},
     }
