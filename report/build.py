@@ -338,8 +338,8 @@ class Builder:
                 versions.setdefault(k, set()).add(str(v))
         self.doc.text(sec, "Library versions: " + ("; ".join(
             f"{k} {', '.join(sorted(v))}" for k, v in sorted(versions.items())) or "not recorded") + ".")
-        hw = {str((m.get("hardware") or {}).get("cpu") or "not recorded") for m in logs.manifests.values()}
-        self.doc.text(sec, f"Hardware: {'; '.join(sorted(hw)) or 'not recorded'}. Log folder SHA-256: {logs.digest}.")
+        hw = _recorded({run: m.get("hardware") or {} for run, m in logs.manifests.items()}, "cpu")
+        self.doc.text(sec, f"Hardware: {'; '.join(hw)}. Log folder SHA-256: {logs.digest}.")
         precisions = _recorded(logs.manifests, "precision")
         mixed = " (mixed: bfloat16 matmuls and activations, float32 weights and loss)" if "bfloat16" in precisions else ""
         self.doc.text(sec, f"Training engine: {', '.join(_recorded(logs.manifests, 'engine'))}. "

@@ -279,8 +279,7 @@ class LabLogger(keras.callbacks.Callback):
             files.write_json_atomic(self.run_dir / RUN_MANIFEST, self.manifest)
             self.status = RUNNING
             _ACTIVE[key] = self
-            events.write_run_hparams(self.run_dir, spec, trial_id=self.run)
-            events.write_run_layout(self.run_dir, spec)
+            events.write_run_hparams(self.run_dir, spec, trial_id=self.run, layout=True)
             self._writers = {s: tf.summary.create_file_writer(str(self.run_dir / s)) for s in SPLITS}
             if self.noise is not None:
                 from trainer.noise_probe import GradientProbe
@@ -437,7 +436,5 @@ def _now() -> str:
 
 def _precision(model) -> str:
     """The model's compute dtype ("float32", "bfloat16" under Keras' mixed_bfloat16, …)."""
-    import keras
-
     policy = getattr(model, "dtype_policy", None) or keras.mixed_precision.global_policy()
     return str(getattr(policy, "compute_dtype", None) or "float32")

@@ -1,7 +1,7 @@
 """Everything the trainer writes to TensorBoard, for both engines: the HParams config and
 per-run hparams, the Custom Scalars layout, the run status, eager scalars (the Keras
-engine) and the fused engine's batched graph writer. One rule for every scalar: None and non-finite values are left out
-(`loggable`)."""
+engine) and the fused engine's batched graph writer. One rule for every scalar: None and
+non-finite values are left out (`loggable`)."""
 from __future__ import annotations
 
 import math
@@ -74,15 +74,6 @@ def write_hparams_config(exp_dir: Path, experiment: Experiment) -> None:
         path.unlink(missing_ok=True)
 
 
-def write_run_layout(run_dir: Path, spec: RunSpec) -> None:
-    """One run's Custom Scalars charts, at its root (for runs logged outside a grid, by
-    `tblab.LabLogger`): TensorBoard merges every run's layout, one chart per title."""
-    writer = tf.summary.create_file_writer(str(run_dir))
-    with writer.as_default():
-        _write_layout([spec.batch_size], [spec.batch_norm])
-    writer.close()
-
-
 def with_comparisons(values: dict, spec: RunSpec) -> dict:
     """Epoch scalars `values` and, for each epoch metric among them, its copies under the
     run's comparison tags (`contract.layout.comparison_tags`)."""
@@ -142,10 +133,15 @@ def _write_layout(batch_sizes, batch_norms) -> None:
     tf.summary.experimental.write_raw_pb(pb.SerializeToString(), step=0)
 
 
-def write_run_hparams(run_dir: Path, spec: RunSpec, trial_id: str) -> None:
+def write_run_hparams(run_dir: Path, spec: RunSpec, trial_id: str, *, layout: bool = False) -> None:
+    """The run's hparams at its root; with `layout`, also its own Custom Scalars charts (for
+    runs logged outside a grid, by `tblab.LabLogger`: TensorBoard merges every run's layout,
+    one chart per title)."""
     writer = tf.summary.create_file_writer(str(run_dir))
     with writer.as_default():
         hp.hparams(spec.hparams(), trial_id=trial_id)
+        if layout:
+            _write_layout([spec.batch_size], [spec.batch_norm])
     writer.close()
 
 
