@@ -7,8 +7,8 @@ Each pack of the grid (the runs the fused engine trains together; one run with t
 engine) is trained twice in this one process, once with [gradient_noise] off and once
 with the experiment's settings (alternating which goes first, so both sides see the same
 machine state), as the trainer trains it. Before that, the first pack of each batch size
-is trained once untimed with the probe on, so that XLA's compilation of each batch size
-(1–3 s, paid once per process) is not counted on whichever side happens to come first.
+is trained once untimed on each side, so that XLA's compilation of each batch size and
+side (1–3 s, paid once per process) is not counted.
 Prints per batch size the wall and CPU seconds (process time, all threads: less
 sensitive than wall time to other work on the machine) and the measurement counts; the
 last two lines are `gradient noise overhead (CPU time): <percent>%` and
@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--every-examples", type=int, help="override [gradient_noise] every_examples")
     p.add_argument("--batches", type=int, help="override [gradient_noise] batches")
     p.add_argument("--small-batch", type=int, help="override [gradient_noise] small_batch")
+    p.add_argument("--estimator", choices=("auto", "per_example", "probe"), help="override [gradient_noise] estimator")
     p.add_argument("--no-warm-up", action="store_true", help="count each batch size's compilation too")
     p.add_argument("--data", help="as for the trainer: a .npz or IDX folder")
     args = p.parse_args(argv)
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
     tf.get_logger().setLevel("ERROR")
     exp = load_experiment(args.experiment, data_path=args.data, **(QUICK if args.quick else {}))
     changes = {k: v for k, v in (("every_examples", args.every_examples), ("batches", args.batches),
-                                 ("small_batch", args.small_batch)) if v is not None}
+                                 ("small_batch", args.small_batch), ("estimator", args.estimator)) if v is not None}
     on = dataclasses.replace(exp.gradient_noise, **changes)
     sides = {"off": dataclasses.replace(exp, gradient_noise=dataclasses.replace(on, enabled=False)),
              "on": dataclasses.replace(exp, gradient_noise=dataclasses.replace(on, enabled=True))}
@@ -65,10 +66,11 @@ def main(argv=None) -> int:
             for pack in packs:
                 first.setdefault(exp.runs[pack[0]].batch_size, pack)
             t0 = time.perf_counter()
-            for pack in first.values():
+            for pack in first.values():  # both sides: with and without the estimator, programs differ
                 specs = [exp.runs[i] for i in pack]
-                train_runs(sides["on"], specs, data, [Path(tmp) / "warm-up" / exp.run_name(s) for s in specs])
-            print(f"warm-up: one pack per batch size, {time.perf_counter() - t0:.1f}s (not counted)",
+                for side in sides:
+                    train_runs(sides[side], specs, data, [Path(tmp) / "warm-up" / side / exp.run_name(s) for s in specs])
+            print(f"warm-up: one pack per batch size and side, {time.perf_counter() - t0:.1f}s (not counted)",
                   file=sys.stderr, flush=True)
         for k, pack in enumerate(packs):
             specs = [exp.runs[i] for i in pack]
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
     print(f"{exp.name}{' (quick)' if args.quick else ''}: {len(exp.runs)} runs × 2 on {len(data.x_train)} "
           f"train images; [gradient_noise] every_examples={on.every_examples} small_batch={on.small_batch} "
-          f"batches={on.batches} (B_big={on.big_batch})")
+          f"batches={on.batches} (B_big={on.big_batch}) estimator={on.estimator}")
     print(f"{'batch':>6} {'off s':>8} {'on s':>8} {'overhead':>9} {'off CPU s':>10} {'on CPU s':>9} "
           f"{'overhead':>9} {'measurements':>13}")
     for bs in sorted(wall["off"]):

@@ -38,6 +38,20 @@ and costs more. While B_simple drifts during training, the drift shows as extra 
 between measurements and widens the interval: it is an interval for the EMA's weighted
 average over its window, not for the value at the last step.
 
+The per-example estimator (`estimator = "per_example"`, the fused engine's default): in
+every training step the engine also returns mean |g_i|² over the batch's examples and
+|G_B|² of the step's own gradient (B_small = 1, B_big = the batch; for a dense layer
+z = aW + b example i's gradient is a_iᵀδ_i and δ_i, so |g_i|² = (|a_i|² + 1)·|δ_i|²,
+from tensors the step has anyway: Goodfellow 2015, "Efficient per-example gradient
+computations"). Each step gives one (|G|², tr Σ) pair by the same formula; a measurement
+is the mean of the pairs of the steps since the last one, so it rests on the
+every_examples examples trained on in between instead of the probe's k·B_small rows at
+one set of weights, and costs no extra forward or backward pass. With batch norm an
+example's gradient depends on the whole batch; g_i is then B·a_iᵀδ_i with δ_i the
+batch's own backward pass (its coupling through the batch mean and variance included):
+the terms whose mean is exactly the step's gradient. The schedule, the moving average
+and the interval below are the same for both.
+
 Written here because no maintained Keras/TensorFlow library measures it; the estimator
 is a few lines of arithmetic. Only numpy (the t quantile too: `t_quantile`): the gradients
 themselves are taken by the engines (`trainer.noise_probe`, `trainer.packed_model`), and
@@ -50,10 +64,25 @@ import math
 
 import numpy as np
 
-from contract.layout import (NOISE_AT_BATCH, NOISE_B_SIMPLE, NOISE_COSINE, NOISE_EPOCH_AT_BATCH,
-                             NOISE_EPOCH_B_HIGH, NOISE_EPOCH_B_LOW, NOISE_EPOCH_B_SIMPLE, NOISE_EPOCH_COSINE,
-                             NOISE_G2, NOISE_ROUGHNESS, NOISE_TAGS, NOISE_TRACE, noise_tag)
-from contract.spec import NoiseSettings
+from contract.layout import (
+    NOISE_AT_BATCH,
+    NOISE_B_SIMPLE,
+    NOISE_COSINE,
+    NOISE_EPOCH_AT_BATCH,
+    NOISE_EPOCH_B_HIGH,
+    NOISE_EPOCH_B_LOW,
+    NOISE_EPOCH_B_SIMPLE,
+    NOISE_EPOCH_COSINE,
+    NOISE_G2,
+    NOISE_ROUGHNESS,
+    NOISE_TAGS,
+    NOISE_TRACE,
+    noise_tag,
+)
+
+# Tags the per-example estimator does not write: it has no big batch to take a cosine with.
+_PROBE_ONLY = {NOISE_COSINE, NOISE_EPOCH_COSINE}
+from contract.spec import PER_EXAMPLE, PROBE, NoiseSettings
 
 # The small batches' own random stream, seeded by the run's seed: training's shuffles
 # are left alone, and both engines draw the same rows.
@@ -215,14 +244,26 @@ class NoiseSchedule:
     (several due within one execution give one measurement). Each member keeps its own
     moving average and measurements. Values come back as {full tag: value}, None where
     there is no value (the writers skip it).
+
+    `estimator`: one for every member, or a list of one per member (a pack of the fused
+    engine measures its members without batch norm per example and the others with the
+    probe). Per-example members get their steps' values through `add_steps`.
     """
 
     def __init__(self, settings: NoiseSettings, *, examples: int, batch_size: int, seed: int,
-                 members: int = 1):
-        check_examples(settings, examples)
+                 members: int = 1, estimator: str | list[str] = PROBE):
+        self.estimators = [estimator] * members if isinstance(estimator, str) else list(estimator)
+        if len(self.estimators) != members or not set(self.estimators) <= {PER_EXAMPLE, PROBE}:
+            raise ValueError(f"estimator must be {PER_EXAMPLE!r} or {PROBE!r} for each of the {members} members, "
+                             f"got {estimator!r}")
+        if PROBE in self.estimators:
+            check_examples(settings, examples)
         if settings.every_examples <= 0 or batch_size <= 0:
             raise ValueError(f"every_examples and batch_size must be positive, got "
                              f"{settings.every_examples}, {batch_size}")
+        # Per member, since the last measurement (per-example estimator): the sums of the
+        # steps' |G|² and tr Σ estimates, and how many steps gave one.
+        self._block = np.zeros((members, 3))
         self.settings, self.examples, self.batch_size = settings, examples, batch_size
         self.steps_per_epoch = math.ceil(examples / batch_size)
         self.due_in_epoch = due_steps(settings.every_examples, examples, batch_size)
@@ -243,13 +284,19 @@ class NoiseSchedule:
         steps an engine may run before it asks `plan` again to measure on time."""
         return max(1, self.next_due - step)
 
+    def due(self, step: int, epoch_end: bool = False) -> bool:
+        """Whether a measurement is due at `step` (and not yet taken there)."""
+        return step != self.last_step and (step >= self.next_due or epoch_end)
+
     def plan(self, step: int, epoch_end: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
         """The probe's rows if a measurement is due at `step`: the small batches
         [k, B_small], and the rows of one batch of the run's size for the cosine, at an
         epoch's end only (no rows at the other measurements: a batch of 1024 costs twice
         the small batches; engines skip it and give a NaN cosine); else None."""
-        if step == self.last_step or (step < self.next_due and not epoch_end):
+        if not self.due(step, epoch_end):
             return None
+        if PROBE not in self.estimators:
+            raise ValueError("the per-example estimator takes no probe rows: use add_steps and measure")
         s = self.settings
         rows = self.rng.choice(self.examples, size=s.big_batch, replace=False)
         one = np.zeros(0, np.int32)
@@ -257,23 +304,63 @@ class NoiseSchedule:
             one = self.rng.choice(self.examples, size=min(self.batch_size, self.examples), replace=False)
         return rows.reshape(s.batches, s.small_batch).astype(np.int32), one.astype(np.int32)
 
-    def record(self, step: int, small_sq, big_sq, cosine=None, alive: list[bool] | None = None) -> list[dict]:
-        """The measurement at `step` (per member |G_small|², |G_big|², cosine; cosine None
-        or NaN where `plan` gave no batch for it): per member the `gradient/` step tags to
-        log at `step` ({} for a member that is not alive)."""
+    def add_steps(self, small_sq, big_sq, counts) -> None:
+        """Per-example estimator: training steps' mean |g_i|² and |G_B|² ([steps, members])
+        over batches of counts[i] examples, added to the measurement under way. A batch of
+        one example gives no estimate (and a non-finite value none: the step diverged)."""
+        small, big = np.asarray(small_sq, dtype=float), np.asarray(big_sq, dtype=float)
+        b = np.asarray(counts, dtype=float)[:, None]
+        ok = (b > 1) & np.isfinite(small) & np.isfinite(big)
+        b = np.where(ok, b, 2.0)
+        g2 = np.where(ok, (b * big - small) / (b - 1), 0.0)       # two_batch_estimate at (1, b)
+        trace = np.where(ok, (small - big) / (1 - 1 / b), 0.0)
+        self._block += np.stack([g2.sum(0), trace.sum(0), ok.sum(0)], axis=1)
+
+    def measure(self, step: int, alive: list[bool] | None = None, probe=None) -> list[dict]:
+        """The measurement at `step`: for per-example members the mean of the steps added
+        since the last one, for probe members `probe` = (|G_small|², |G_big|², cosine) per
+        member as `record` takes them; as `record` (a per-example member whose steps gave
+        no estimate: {})."""
+        block, self._block = self._block, np.zeros_like(self._block)
+        pairs, cosines = [], []
+        for j, estimator in enumerate(self.estimators):
+            if estimator == PER_EXAMPLE:
+                pairs.append((block[j, 0] / block[j, 2], block[j, 1] / block[j, 2]) if block[j, 2] else None)
+                cosines.append(None)
+            else:
+                pairs.append(self._probe_pair(probe[0][j], probe[1][j]))
+                cosines.append(probe[2][j] if probe[2] is not None else None)
+        return self._update(step, pairs, cosines, alive)
+
+    def _probe_pair(self, small_sq, big_sq) -> tuple[float, float]:
         s = self.settings
+        return two_batch_estimate(float(small_sq), float(big_sq), s.small_batch, s.big_batch)
+
+    def record(self, step: int, small_sq, big_sq, cosine=None, alive: list[bool] | None = None) -> list[dict]:
+        """The probe's measurement at `step` (per member |G_small|², |G_big|², cosine;
+        cosine None or NaN where `plan` gave no batch for it): per member the `gradient/`
+        step tags to log at `step` ({} for a member that is not alive)."""
+        if PER_EXAMPLE in self.estimators:
+            raise ValueError("per-example members are measured with measure()")
+        pairs = [self._probe_pair(a, b) for a, b in zip(small_sq, big_sq)]
+        return self._update(step, pairs, list(cosine) if cosine is not None else [None] * len(pairs), alive)
+
+    def _update(self, step: int, pairs: list, cosines: list, alive: list[bool] | None) -> list[dict]:
+        """Each member's (|G|², tr Σ) (None: no estimate) into its moving average; the
+        step tags per member."""
         out = []
         for j, ema in enumerate(self.emas):
-            if alive is not None and not alive[j]:
+            if (alive is not None and not alive[j]) or pairs[j] is None:
                 out.append({})
                 continue
-            g2, trace = two_batch_estimate(float(small_sq[j]), float(big_sq[j]), s.small_batch, s.big_batch)
+            g2, trace = (float(v) for v in pairs[j])
             ema.update(g2, trace)
             self.measurements[j] += 1
             self.last[j] = {NOISE_G2: g2, NOISE_TRACE: trace, NOISE_B_SIMPLE: ema.b_simple,
                             NOISE_AT_BATCH: ema.trace / self.batch_size,
-                            NOISE_COSINE: _finite(None if cosine is None else cosine[j])}
-            out.append({noise_tag(t): v for t, v in self.last[j].items()})
+                            NOISE_COSINE: _finite(cosines[j])}
+            out.append({noise_tag(t): v for t, v in self.last[j].items()
+                        if self.estimators[j] == PROBE or t not in _PROBE_ONLY})
         self.last_step = step
         self.next_due = self.due_after(step)
         return out
@@ -286,21 +373,27 @@ class NoiseSchedule:
         if not m:
             return {}
         low, high = self.emas[member].interval() or (None, None)
-        return {noise_tag(NOISE_EPOCH_AT_BATCH): m[NOISE_AT_BATCH], noise_tag(NOISE_EPOCH_COSINE): m[NOISE_COSINE],
-                noise_tag(NOISE_ROUGHNESS): roughness_value, noise_tag(NOISE_EPOCH_B_SIMPLE): m[NOISE_B_SIMPLE],
-                noise_tag(NOISE_EPOCH_B_LOW): low, noise_tag(NOISE_EPOCH_B_HIGH): high}
+        values = {NOISE_EPOCH_AT_BATCH: m[NOISE_AT_BATCH], NOISE_EPOCH_COSINE: m[NOISE_COSINE],
+                  NOISE_ROUGHNESS: roughness_value, NOISE_EPOCH_B_SIMPLE: m[NOISE_B_SIMPLE],
+                  NOISE_EPOCH_B_LOW: low, NOISE_EPOCH_B_HIGH: high}
+        return {noise_tag(t): v for t, v in values.items()
+                if self.estimators[member] == PROBE or t not in _PROBE_ONLY}
 
     def summary(self, member: int = 0) -> dict:
         """For run.json: the settings, how many measurements were taken, the last B_simple
         with its 95% interval (None where undefined), the interval's method, the tags."""
         ema = self.emas[member]
         low, high = ema.interval() or (None, None)
-        return {**self.settings.to_dict(), "measurements": self.measurements[member],
+        estimator = self.estimators[member]
+        probe_only = ("small_batch", "batches", "big_batch") if estimator == PER_EXAMPLE else ()
+        settings = {k: v for k, v in self.settings.to_dict().items() if k not in probe_only}
+        return {**settings, "estimator": estimator, "measurements": self.measurements[member],
                 "measurements_per_epoch": len(self.due_in_epoch),
                 SUMMARY_B_SIMPLE: _finite(ema.b_simple), SUMMARY_LOW: _finite(low), SUMMARY_HIGH: _finite(high),
                 "interval": {"level": INTERVAL_LEVEL, "method": INTERVAL_METHOD,
                              "effective_measurements": _finite(ema.effective_measurements)},
-                "tags": list(NOISE_TAGS)}
+                "tags": [t for t in NOISE_TAGS if estimator == PROBE
+                         or t not in {noise_tag(short) for short in _PROBE_ONLY}]}
 
 
 def _finite(value) -> float | None:

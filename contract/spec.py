@@ -100,8 +100,12 @@ class NoiseSettings:
     when and how: `contract.noise`."""
     enabled: bool = True
     every_examples: int = 7_500   # measure each time an epoch has seen another N examples, and at its end
-    small_batch: int = 128        # B_small
-    batches: int = 4              # k disjoint small batches; B_big = k·B_small
+    # How (contract.noise): "per_example" from every training step's exact per-example
+    # gradient norms (the fused engine); "probe" from extra small batches at fixed
+    # weights (every engine); "auto": per_example where the engine can, else probe.
+    estimator: str = "auto"
+    small_batch: int = 128        # the probe's B_small
+    batches: int = 4              # the probe's k disjoint small batches; B_big = k·B_small
     beta: float = 0.95            # EMA weight over measurements
 
     @property
@@ -113,6 +117,8 @@ class NoiseSettings:
 
 
 NOISE_FIELDS = tuple(f.name for f in dataclasses.fields(NoiseSettings))
+PER_EXAMPLE, PROBE = "per_example", "probe"
+ESTIMATORS = ("auto", PER_EXAMPLE, PROBE)  # [gradient_noise] estimator
 
 
 def format_value(value: Any) -> str:

@@ -118,10 +118,7 @@ def add_section(builder, target_loss: float | None = None, *, level: int = 1) ->
     keys = builder.section_keys()
     logged = bool(_epoch_tag(logs.scalars, list(logs.runs["run"]), NOISE_EPOCH_B_LOW).shape[0])
     doc.text(sec, (
-        f"With the weights held fixed, {_schedule(settings)} the trainer took "
-        f"the gradients of {settings['batches']} disjoint batches of {settings['small_batch']} training "
-        f"examples and their mean (a batch of {settings['big_batch']}), and estimated |G|² and tr(Σ) from "
-        f"E|G_B|² = |G|² + tr(Σ)/B (McCandlish et al. 2018, App. A.1). B_simple = tr(Σ)/|G|² is the ratio "
+        _method(settings, measured) + " B_simple = tr(Σ)/|G|² is the ratio "
         f"of their bias-corrected moving averages (β = {settings['beta']}): the batch size at which the "
         f"gradient noise of a step equals the gradient itself. {len(measured)} of {len(logs.runs)} runs "
         f"carry these measurements ({sum(m['measurements'] for m in measured.values())} in all); the tables "
@@ -131,6 +128,29 @@ def add_section(builder, target_loss: float | None = None, *, level: int = 1) ->
     for key in keys:
         b_simple_figure(builder, sec, key)
     _critical_part(builder, sec, keys, target_loss, summary)
+
+
+def _method(settings: dict, measured: dict) -> str:
+    """How the runs' |G|² and tr(Σ) were measured: per-example norms, the probe, or both."""
+    ways = {m.get("estimator", "probe") for m in measured.values()}
+    texts = []
+    if "per_example" in ways:
+        texts.append(
+            "In every training step the trainer took the exact norm of each example's gradient and the norm of "
+            "the step's batch gradient, and estimated |G|² and tr(Σ) from E|G_B|² = |G|² + tr(Σ)/B at B = 1 "
+            f"and the batch size (McCandlish et al. 2018, App. A.1); {_schedule(settings)} it averaged the "
+            "estimates of the steps since the last measurement into one (with batch norm, an example's gradient "
+            "is its term in the batch gradient, the batch statistics' coupling included).")
+    probe = next((m for m in measured.values() if m.get("estimator", "probe") == "probe"), None)
+    if probe is not None:
+        texts.append(
+            (f"For {sum(m.get('estimator', 'probe') == 'probe' for m in measured.values())} of the runs: "
+             if len(ways) > 1 else "")
+            + f"With the weights held fixed, {_schedule(probe)} the trainer took the gradients of "
+            f"{probe['batches']} disjoint batches of {probe['small_batch']} training examples and their mean (a "
+            f"batch of {probe['big_batch']}), and estimated |G|² and tr(Σ) from E|G_B|² = |G|² + tr(Σ)/B "
+            "(McCandlish et al. 2018, App. A.1).")
+    return " ".join(texts)
 
 
 def _schedule(settings: dict) -> str:

@@ -253,8 +253,15 @@ def test_smoke_runs_log_finite_gradient_noise_scalars(smoke):
         # B_simple may be undefined; its interval is, after the one measurement of a smoke run.
         interval = {NOISE_EPOCH_B_LOW, NOISE_EPOCH_B_HIGH}
         assert settings["b_simple_low"] is None and not tags & interval
-        assert set(STEP_TAGS) - {"b_simple"} <= tags and set(EPOCH_TAGS) - {"epoch_b_simple"} - interval <= tags
-        for tag in set(EPOCH_TAGS[1:]) - interval:
+        # The fused engine's default: per-example norms (no cosine) without batch norm, the probe with it.
+        per_example = not spec.uses_batch_norm
+        assert settings["estimator"] == ("per_example" if per_example else "probe")
+        assert ("small_batch" in settings) is not per_example
+        cosines = {"cosine", "epoch_cosine"} if per_example else set()
+        assert {t.removeprefix(PREFIX) for t in settings["tags"]} == set(STEP_TAGS + EPOCH_TAGS) - cosines
+        assert set(STEP_TAGS) - {"b_simple"} - cosines <= tags and not tags & cosines
+        assert set(EPOCH_TAGS) - {"epoch_b_simple"} - interval - cosines <= tags
+        for tag in set(EPOCH_TAGS[1:]) - interval - cosines:
             assert sorted(grad.loc[grad["tag"] == PREFIX + tag, "step"]) == list(range(spec.epochs))
         # The in-graph roughness is the std of the logged step losses' differences, epoch by epoch.
         steps_per_epoch = manifest["steps"] // manifest["epochs_completed"]
@@ -366,8 +373,19 @@ def test_bad_target_loss_is_refused(fixture_logs, tmp_path, capsys):
     ("[gradient_noise]\nevery = 200\n", ["[gradient_noise] every", "every_examples = 12800", "examples"]),
     ("[gradient_noise]\nevery_examples = 0\n", ["[gradient_noise] every_examples", "positive integer"]),
     ("[gradient_noise]\nsmall_batch = 0\n", ["[gradient_noise] small_batch", "positive integer"]),
-    ("[data]\nlimit = 1000\nvalidation = 0.5\n[gradient_noise]\nbatches = 16\nsmall_batch = 64\n",
+    ("[data]\nlimit = 1000\nvalidation = 0.5\n[gradient_noise]\nbatches = 16\nsmall_batch = 64\n"
+     "estimator = 'probe'\n",
      ["[gradient_noise]", "16 × 64 = 1024", "500 training examples left by [data] limit = 1000", "NOISE=0"]),
+    ("[gradient_noise]\nestimator = 'per-example'\n",
+     ["[gradient_noise] estimator", "'per-example' is not valid", "did you mean 'per_example'",
+      "valid values: auto, per_example, probe"]),
+    ("[run]\narchitecture = 'cnn'\n[gradient_noise]\nestimator = 'per_example'\n",
+     ["[gradient_noise] estimator", '"per_example" needs the fused engine', "the compiled engine",
+      'estimator = "probe", or "auto"']),
+    ("[run]\nbatch_size = 1\n[gradient_noise]\nestimator = 'per_example'\n",
+     ["[gradient_noise] estimator", "at least 2 examples"]),
+    ("[grid]\nbatch_norm = [false, true]\n[gradient_noise]\nestimator = 'per_example'\n",
+     ["[gradient_noise] estimator", "needs models without batch norm", 'estimator = "auto"']),
 ])
 def test_noise_settings_that_cannot_work_are_refused_at_load(text, expected, tmp_path, capsys):
     from trainer.cli import main
@@ -382,9 +400,15 @@ def test_noise_settings_that_cannot_work_are_refused_at_load(text, expected, tmp
 
 
 def test_a_limit_below_the_probe_is_refused_naming_every_fix(tmp_path, capsys):
-    """`make train EXPERIMENT=smoke LIMIT=500`: refused before the data is read."""
+    """`make train EXPERIMENT=smoke LIMIT=500`: its batch-norm runs take the probe, so it
+    is refused before the data is read. Runs without batch norm (per-example norms) need
+    no rows of their own: the same limit loads for them."""
     from trainer.cli import main
+    from trainer.spec import load_experiment
 
+    path = tmp_path / "plain.toml"
+    path.write_text("[data]\nlimit = 500\n[grid]\nbatch_size = [64, 256]\n")
+    assert load_experiment(str(path)).uses_probe is False
     assert main(["--experiment", "smoke", "--limit", "500", "--logdir", str(tmp_path / "logs")]) == 2
     err = capsys.readouterr().err
     for piece in ("--limit 500 (LIMIT= with make)", "at least 512", "[gradient_noise] batches or small_batch",
@@ -392,8 +416,6 @@ def test_a_limit_below_the_probe_is_refused_naming_every_fix(tmp_path, capsys):
         assert piece in err, (piece, err)
     assert not (tmp_path / "logs").exists()
     # Without the probe the same limit is fine as far as loading goes.
-    from trainer.spec import load_experiment
-
     exp = load_experiment("smoke", limit=500, gradient_noise=False)
     assert not exp.gradient_noise.enabled
 
@@ -403,7 +425,8 @@ def test_data_smaller_than_the_probe_is_refused_before_any_folder(tmp_path, synt
     from trainer.cli import main
 
     path = tmp_path / "big.toml"
-    path.write_text("[data]\nvalidation = 'test'\n[run]\nepochs = 1\n[gradient_noise]\nbatches = 8\nsmall_batch = 256\n")
+    path.write_text("[data]\nvalidation = 'test'\n[run]\nepochs = 1\n[gradient_noise]\nbatches = 8\nsmall_batch = 256\n"
+                    "estimator = 'probe'\n")
     assert main(["--experiment", str(path), "--data", str(synthetic_npz), "--logdir", str(tmp_path / "logs")]) == 2
     err = capsys.readouterr().err
     assert "8 × 256 = 2048" in err and "1200 training examples of the data" in err and "NOISE=0" in err
@@ -418,11 +441,13 @@ def _gradient_steps(run_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["fused", "keras"])
-def test_measurements_fall_on_the_steps_the_examples_give(engine, tmp_path, synthetic_npz):
+@pytest.mark.parametrize("engine, estimator", [("fused", "auto"), ("fused", "probe"), ("keras", "auto")])
+def test_measurements_fall_on_the_steps_the_examples_give(engine, estimator, tmp_path, synthetic_npz):
     """1200 examples at batch 64 (19 steps an epoch), every 320 examples: due at steps 5,
     10, 15 and 19 of each epoch. The fused engine cuts its chunks of 8 steps there; Keras,
-    called back every 8 steps, measures at the first callback at or after each."""
+    called back every 8 steps, measures at the first callback at or after each. The
+    per-example estimator's measurements (the fused engine's runs without batch norm, by
+    default) fall on the same steps, without a cosine."""
     from trainer.cli import main
 
     path = tmp_path / f"{engine}.toml"
@@ -442,14 +467,18 @@ def test_measurements_fall_on_the_steps_the_examples_give(engine, tmp_path, synt
         every_examples = 320
         batches = 4
         small_batch = 32
+        estimator = "{estimator}"
     """))
     assert main(["--experiment", str(path), "--data", str(synthetic_npz), "--logdir", str(tmp_path)]) == 0
     want = [5, 10, 15, 19, 24, 29, 34, 38] if engine == "fused" else [8, 16, 19, 27, 35, 38]
     for run in sorted(p for p in (tmp_path / engine).iterdir() if p.is_dir() and not p.name.startswith(".")):
         steps = _gradient_steps(run)
         assert steps["G2"] == want and steps["epoch_b_simple"] == [0, 1]
-        assert steps["cosine"] == [19, 38]  # its training-size batch is taken at epoch ends only
         manifest = json.loads((run / "run.json").read_text())
+        if engine == "fused" and estimator == "auto" and not manifest["spec"]["batch_norm"]:
+            assert "cosine" not in steps and manifest["gradient_noise"]["estimator"] == "per_example"
+        else:  # the probe's training-size batch is taken at epoch ends only
+            assert steps["cosine"] == [19, 38] and manifest["gradient_noise"]["estimator"] == "probe"
         assert manifest["gradient_noise"]["measurements"] == len(want)
         assert manifest["gradient_noise"]["measurements_per_epoch"] == 4
         assert manifest["steps"] == 38

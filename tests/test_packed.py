@@ -258,8 +258,66 @@ def test_fused_and_keras_engines_log_the_same_layout(tmp_path, synthetic_npz):
             finals[engine][run.name] = manifest["final"]["val_loss"]
         finals[engine + " layout"] = {k: v for k, v in layout.items() if not k[1].startswith("gradient/")}
         # b_simple is left out while the averaged |G|² is not positive: it may be in one only.
-        finals[engine + " tags"] = {k for k in layout if "b_simple" not in k[1]}
+        # The fused engine's per-example estimator (its default without batch norm) takes no
+        # cosine; the probe (Keras, and the fused engine's batch-norm runs) does.
+        finals[engine + " tags"] = {k for k in layout if "b_simple" not in k[1] and "cosine" not in k[1]}
+        cosine = {k[0].split("/")[0] for k in layout if "cosine" in k[1]}
+        assert cosine == {r for r in finals[engine] if engine == "keras" or "bn=on" in r}
     assert finals["fused layout"] == finals["keras layout"]
     assert finals["fused tags"] == finals["keras tags"]
     for name, loss in finals["fused"].items():
         assert loss == pytest.approx(finals["keras"][name], rel=0.25)
+
+
+def _example_norms_by_row_copies(pack, j, x, y):
+    """Member j's (mean |g_i|², |G_B|²) on the batch (x, y) at the pack's current weights
+    (a member without batch norm), computed another way: every example gets its own copy
+    of every weight, so the gradient with respect to copy i is example i's term of the
+    batch gradient, g_i = B times it."""
+    import tensorflow as tf
+
+    kernels, biases, _ = pack._unpack([v.numpy() for v in pack.state])
+    u, n = pack.units[0], len(x)
+    weights = [kernels[0][:, j * u:(j + 1) * u]] + [k[j] for k in kernels[1:]]
+    offsets = [biases[0][j * u:(j + 1) * u]] + [b[j, 0] for b in biases[1:]]
+    copies = [tf.Variable(np.repeat(p[None], n, axis=0)) for p in weights + offsets]
+    layers = len(weights)
+    with tf.GradientTape() as tape:
+        h = tf.constant(x.reshape(n, -1))
+        for layer in range(layers):
+            h = tf.einsum("bi,bio->bo", h, copies[layer]) + copies[layers + layer]
+            h = tf.tanh(h) if layer < layers - 1 else h
+        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, h))
+    terms = [g.numpy().reshape(n, -1).astype(np.float64) for g in tape.gradient(loss, copies)]
+    per_example = n * n * sum((t * t).sum(axis=1) for t in terms)
+    return per_example.mean(), sum(float((t.sum(axis=0) ** 2).sum()) for t in terms)
+
+
+def test_per_example_norms_match_a_gradient_per_example(data, monkeypatch):
+    """contract.noise's per-example estimator reads, from each training step, mean |g_i|²
+    and |G_B|² per member without batch norm (NaN for the others, which the probe
+    measures): checked against per-example weight copies, two hidden layers, on a full
+    batch and then a partial (padded) one; and taken on one step in ⌊256 / batch⌋."""
+    from trainer import packed_model
+    from trainer.packed_model import PackedMLP
+
+    x, y = data
+    specs = member_specs()
+    plain = sum(not s.uses_batch_norm for s in specs)
+    monkeypatch.setattr(packed_model, "EXAMPLE_NORM_ROWS", 1)  # every step (read when traced)
+    pack = PackedMLP(specs, input_shape=SHAPE, classes=CLASSES, per_example=True)
+    for rows in (np.arange(BATCH), np.arange(BATCH, BATCH + 12)):  # 12 real rows of 32: padding masked
+        want = [_example_norms_by_row_copies(pack, j, x[rows], y[rows]) for j in range(plain)]
+        idx = np.zeros((1, BATCH), np.int32)
+        idx[0, :len(rows)] = rows
+        out = pack.run_chunk(dataset(x, y), idx, np.array([len(rows)], np.int32), 1)
+        np.testing.assert_allclose(out["example_sq"][0, :plain], [w[0] for w in want], rtol=2e-4)
+        np.testing.assert_allclose(out["batch_sq"][0, :plain], [w[1] for w in want], rtol=2e-4)
+        assert (out["example_sq"][0, :plain] > out["batch_sq"][0, :plain]).all()  # tr Σ > 0
+        assert np.isnan(out["example_sq"][0, plain:]).all() and np.isnan(out["batch_sq"][0, plain:]).all()
+    assert pack.steps == 2
+    monkeypatch.undo()
+    pack = PackedMLP(specs, input_shape=SHAPE, classes=CLASSES, per_example=True)
+    idx, counts = np.tile(np.arange(BATCH, dtype=np.int32), (9, 1)), np.full(9, BATCH, np.int32)
+    out = pack.run_chunk(dataset(x, y), idx, counts, 9)
+    assert np.flatnonzero(np.isfinite(out["example_sq"][:, 0])).tolist() == [0, 8]  # 256 / 32 = 8

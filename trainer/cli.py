@@ -10,7 +10,8 @@ from pathlib import Path
 from contract.stderr import quietly
 from trainer import interrupt
 from trainer.executors import EXECUTORS
-from trainer.spec import DATASETS, ExperimentError, check_noise_fits_limit, list_presets, load_experiment
+from trainer.noise_checks import check_noise_fits_limit
+from trainer.spec import DATASETS, ExperimentError, list_presets, load_experiment
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130

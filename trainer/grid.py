@@ -16,7 +16,8 @@ from trainer.as_run import as_run_text
 from trainer.events import write_hparams_config
 from trainer.executors import EXECUTORS, Task, run_local, run_ray, share_dataset
 from trainer.manifest import DISK_ERRORS, is_reusable, run_config, write_json_atomic
-from trainer.spec import Experiment, ExperimentError, noise_fix
+from trainer.noise_checks import noise_fix
+from trainer.spec import Experiment, ExperimentError
 
 
 class LogDirError(Exception):
@@ -70,7 +71,7 @@ def check_fits(experiment: Experiment, train_examples: int, out: TextIO) -> None
     noise = experiment.gradient_noise
     if noise.enabled:
         limit = f" (--limit {experiment.limit})" if experiment.limit else ""
-        if noise.big_batch > train_examples:
+        if experiment.uses_probe and noise.big_batch > train_examples:
             raise ExperimentError(noise_fix(noise, train_examples, f"the {train_examples} training examples "
                                                                    f"of the data{limit}"))
         if noise.every_examples >= train_examples:

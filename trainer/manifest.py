@@ -49,7 +49,8 @@ def run_config(experiment: Experiment, spec: RunSpec, data: Dataset) -> dict:
         "spec": spec.to_dict(), "dataset": data.name, "validation": experiment.validation,
         "limit": experiment.limit, "train_examples": int(len(data.x_train)),
         "validation_examples": int(len(data.x_val)),
-        "gradient_noise": experiment.gradient_noise.to_dict(),
+        # The estimator as resolved for this run ("auto" → per_example or probe).
+        "gradient_noise": {**experiment.gradient_noise.to_dict(), "estimator": experiment.noise_estimator(spec)},
         "engine": experiment.engine_of(spec),
     }
     # Only when not float32, so that runs trained before the key existed stay reusable.

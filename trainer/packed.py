@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from contract.layout import COMPLETE, DIVERGED, EPOCH_ACCURACY, EPOCH_LOSS, FAILED, INTERRUPTED, SPLITS, TRAIN, VALIDATION
 from contract.noise import NoiseSchedule, roughness
-from contract.spec import RunSpec
+from contract.spec import PER_EXAMPLE, PROBE, RunSpec
 from trainer import events, faults, interrupt
 from trainer.data import Dataset
 from trainer.manifest import begin_run, finish_run, one_line, pack_entry
@@ -50,17 +50,19 @@ def build(experiment: Experiment, specs: list[RunSpec], data: Dataset) -> Packed
     released pack of the same structure if there is one."""
     specs = sorted(specs, key=lambda s: s.uses_batch_norm)
     s = experiment.gradient_noise
+    estimators = [experiment.noise_estimator(spec) for spec in specs] if s.enabled else []
+    per_example = PER_EXAMPLE in estimators
     probe = None
-    if s.enabled and s.big_batch <= len(data.x_train):
+    if PROBE in estimators and s.big_batch <= len(data.x_train):
         probe = (s.batches, s.small_batch, min(specs[0].batch_size, len(data.x_train)))
     input_shape, classes = data.x_train.shape[1:], int(data.y_train.max()) + 1
-    key = structure_key(specs, input_shape, classes)
+    key = structure_key(specs, input_shape, classes, per_example)
     with _FREE_LOCK:
         pack = next((p for p in _FREE if p.key == key), None)
         if pack is not None:
             _FREE.remove(pack)
     if pack is None:
-        return PackedMLP(specs, input_shape=input_shape, classes=classes, probe=probe)
+        return PackedMLP(specs, input_shape=input_shape, classes=classes, probe=probe, per_example=per_example)
     pack.load(specs, probe)
     return pack
 
@@ -139,7 +141,8 @@ def train_pack(experiment: Experiment, specs: list[RunSpec], data: Dataset, run_
         writer = events.BatchedWriter(writers)
         if experiment.gradient_noise.enabled:
             noise = NoiseSchedule(experiment.gradient_noise, examples=len(data.x_train),
-                                  batch_size=first.batch_size, seed=first.seed, members=m)
+                                  batch_size=first.batch_size, seed=first.seed, members=m,
+                                  estimator=[experiment.noise_estimator(spec) for spec in specs])
         chunk, steps_done = experiment.steps_per_execution, 0
         for epoch in range(first.epochs):
             idx, counts = _batches(len(data.x_train), first.batch_size, first.seed, epoch)
@@ -154,7 +157,7 @@ def train_pack(experiment: Experiment, specs: list[RunSpec], data: Dataset, run_
                 part_idx[:n] = idx[s:s + n]
                 part_counts = np.zeros(chunk, np.int32)
                 part_counts[:n] = counts[s:s + n]
-                probe = noise.plan(steps_done + n, last) if noise is not None else None
+                probe = noise.plan(steps_done + n, last) if noise is not None and pack.probe_shape else None
                 out = pack.run_chunk(data, part_idx, part_counts, n, probe=probe, validate=last)
                 losses = out["losses"][:n]
                 written = _record_divergence(losses, steps_done, state["diverged_at"])
@@ -163,9 +166,12 @@ def train_pack(experiment: Experiment, specs: list[RunSpec], data: Dataset, run_
                 loss_sum += out["loss_sum"]
                 right_sum += out["right_sum"]
                 alive = [d is None for d in state["diverged_at"]]
-                if probe is not None and any(alive):
-                    for j, values in enumerate(noise.record(steps_done, *out["probe"], alive)):
-                        writer.add(j, TRAIN, values, steps_done)
+                if noise is not None:
+                    if pack.per_example:
+                        noise.add_steps(out["example_sq"][:n], out["batch_sq"][:n], part_counts[:n])
+                    if noise.due(steps_done, last) and any(alive):
+                        for j, values in enumerate(noise.measure(steps_done, alive, out.get("probe"))):
+                            writer.add(j, TRAIN, values, steps_done)
                 if not last or not any(alive):  # else written with the epoch's scalars below
                     writer.write(losses, first_step, written)
                     faults.point("step")

@@ -32,10 +32,16 @@ from contract.spec import RunSpec
 from trainer import events
 from trainer.data import Dataset
 from trainer.models import build_model, make_optimizer, summarize
+from trainer.packed_noise import PackNoise, member_sums
 
 # keras.layers.BatchNormalization's defaults, which build_model uses.
 BN_EPSILON, BN_MOMENTUM = 1e-3, 0.99
 EVAL_CHUNK = 2048  # validation examples per step of the validation pass
+# The per-example estimator takes its norms on one training step in every ⌊256 / batch⌋
+# (each step at batch ≥ 128): measured at batch 64, the norms cost ≈35% of a step, while
+# the B_simple of a run hardly depends on the steps' count (a measurement averages the
+# ≈7,500 examples since the last one).
+EXAMPLE_NORM_ROWS = 256
 
 
 class Members(NamedTuple):
@@ -74,7 +80,7 @@ def read_members(specs: list[RunSpec], input_shape: tuple[int, ...], classes: in
                    values=[np.asarray(v, np.float32) for v in kernels + biases + normed])
 
 
-class PackedMLP:
+class PackedMLP(PackNoise):
     """The members' dense layers stacked on a leading member axis (members with batch
     norm last, so batch norm applies to one contiguous block), with compiled functions
     for a chunk of training steps, evaluation and gradient probes.
@@ -85,8 +91,11 @@ class PackedMLP:
     """
 
     def __init__(self, specs: list[RunSpec], *, input_shape: tuple[int, ...], classes: int,
-                 probe: tuple[int, int, int] | None = None):
-        self.key = structure_key(specs, input_shape, classes)
+                 probe: tuple[int, int, int] | None = None, per_example: bool = False):
+        # per_example: each training step also returns its per-example gradient norms
+        # (`_example_norms`), for contract.noise's per-example estimator.
+        self.per_example = per_example
+        self.key = structure_key(specs, input_shape, classes, per_example)
         first = specs[0]
         self.input_shape, self.classes = tuple(input_shape), classes
         self.members = len(specs)
@@ -97,7 +106,6 @@ class PackedMLP:
         self.units = members.units  # fixed by the structure: `_unpack` and `forward` read it
         self._take(members, probe)
         kernels, biases, norms = self._unpack(members.values)
-        m = self.members
         self.kernels = [tf.Variable(v) for v in kernels]
         self.biases = [tf.Variable(v) for v in biases]
         # Per hidden layer: gamma, beta, moving mean, moving variance of the normed members.
@@ -107,30 +115,7 @@ class PackedMLP:
         self.optimizer = make_optimizer(first)
         self.optimizer.build(self.trainable)
         self._optimizer_start = [v.numpy() for v in self.optimizer.variables]
-        # Per trainable variable: its elementwise product of two gradients (float32) summed
-        # per member, [members] in float64: rows of at most a layer's width are summed in
-        # float32, and those partial sums in float64 (as exact as summing it all in float64
-        # to ≈1e-7, and ≈8 ms a probe faster). The first kernel is [inputs, members × units]:
-        # summed over inputs and units without a transpose; members without batch norm
-        # have no gamma or beta (0).
-        first_units = self.units[0]
-        def first_kernel(t):
-            rows = tf.reduce_sum(tf.reshape(t, [self.inputs, m, first_units]), axis=2)
-            return tf.reduce_sum(tf.cast(rows, tf.float64), axis=0)
-
-        def per_member(t, members):  # t: [members, …, width], or [members × width]
-            width = t.shape[-1] if t.shape.rank > 1 else t.shape[0] // members
-            rows = tf.reduce_sum(tf.reshape(t, [members, -1, width]), axis=2)
-            return tf.reduce_sum(tf.cast(rows, tf.float64), axis=1)
-
-        def stacked(t):
-            return per_member(t, m)
-
-        def normed(t):
-            return tf.concat([tf.zeros([m - self.normed], tf.float64), per_member(t, self.normed)], axis=0)
-
-        self._member_sums = ([first_kernel] + [stacked] * (len(self.kernels) - 1)
-                             + [stacked] * len(self.biases) + [normed] * (2 * len(self.norms)))
+        self._member_sums = member_sums(self)
         # The compiled functions, made at the first call with the batch sizes left open in
         # their signatures: one trace (≈0.3 s for training, ≈0.5 s for the probe) then
         # serves every pack this object trains (`load`), and XLA compiles each batch size
@@ -160,7 +145,7 @@ class PackedMLP:
     def load(self, specs: list[RunSpec], probe: tuple[int, int, int] | None) -> None:
         """Start over as the pack of `specs` (same `structure_key`): their initial weights,
         the optimizer's starting state; the traced and compiled functions are kept."""
-        if structure_key(specs, self.input_shape, self.classes) != self.key:
+        if structure_key(specs, self.input_shape, self.classes, self.per_example) != self.key:
             raise ValueError("a pack can only be loaded with runs of the same structure")
         members = read_members(specs, self.input_shape, self.classes)
         for variable, value in zip(self.state, members.values):
@@ -179,7 +164,7 @@ class PackedMLP:
         # optimizer code with autograph would cost ≈1 s of tracing per pack.
         self.train_chunk = tf.function(
             self._train_chunk, jit_compile=True, autograph=False,
-            input_signature=[spec(t.x, 1), spec(t.y, 1), tf.TensorSpec([None, None], tf.int32),
+            input_signature=[spec(t.x, 1), spec(t.y, 1), spec(t.x_sq, 1), tf.TensorSpec([None, None], tf.int32),
                              tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32)])
         # The probe's small batches as one XLA program, ≈1.4× faster than without XLA
         # (measured: 16.7 → 11.9 ms of CPU at 4 × 128, six members), which pays at
@@ -242,7 +227,7 @@ class PackedMLP:
         "val_loss", "val_accuracy" per member."""
         t = tensors(data)
         self._functions(t)
-        out = self.train_chunk(t.x, t.y, idx, counts, tf.constant(steps, tf.int32))
+        out = self.train_chunk(t.x, t.y, t.x_sq, idx, counts, tf.constant(steps, tf.int32))
         if validate:
             self._ready("validate")
             out["val_loss_sum"], out["val_right"] = self.validator(t)(self.state, t.x_val, t.y_val, t.w_val)
@@ -268,19 +253,31 @@ class PackedMLP:
 
     # -- the model --------------------------------------------------------------------
 
-    def forward(self, x, weight, count, *, training: bool, update_statistics: bool = False, state=None):
+    def forward(self, x, weight, count, *, training: bool, update_statistics: bool = False, state=None,
+                taps: list | None = None):
         """Logits [members, batch, classes] for x [batch, inputs]; `weight` masks padding
         rows (batch statistics and losses use only the `count` real ones). `state`: values
-        in the order of `self.state` to use instead of the variables (no statistics update)."""
+        in the order of `self.state` to use instead of the variables (no statistics update).
+        `taps`: a list to append, per dense layer, ("dense", its input, its output before
+        the activation) and, per batch-norm layer, ("norm", the normalized values, its
+        output) of the normed members, for `_example_norms`."""
         kernels, biases, norms = self._unpack(self.state if state is None else state)
-        h = self.activation(tf.matmul(x, kernels[0]) + biases[0])
-        h = tf.transpose(tf.reshape(h, [-1, self.members, self.units[0]]), [1, 0, 2])
+        z = tf.matmul(x, kernels[0]) + biases[0]
+        if taps is not None:
+            taps.append(("dense", x, z))
+        h = tf.transpose(tf.reshape(self.activation(z), [-1, self.members, self.units[0]]), [1, 0, 2])
         for layer in range(len(self.units)):
             if layer:
-                h = self.activation(tf.matmul(h, kernels[layer]) + biases[layer])
+                z = tf.matmul(h, kernels[layer]) + biases[layer]
+                if taps is not None:
+                    taps.append(("dense", h, z))
+                h = self.activation(z)
             if self.normed:
-                h = self._batch_norm(h, norms[layer], weight, count, training, update_statistics)
-        return tf.matmul(h, kernels[-1]) + biases[-1]
+                h = self._batch_norm(h, norms[layer], weight, count, training, update_statistics, taps)
+        logits = tf.matmul(h, kernels[-1]) + biases[-1]
+        if taps is not None:
+            taps.append(("dense", h, logits))
+        return logits
 
     def _unpack(self, state: list) -> tuple[list, list, list]:
         """Values (or variables) in the order of `self.state` as (kernels, biases, per
@@ -289,7 +286,7 @@ class PackedMLP:
         rest = state[2 * layers:]
         return state[:layers], state[layers:2 * layers], [rest[4 * i:4 * i + 4] for i in range(len(rest) // 4)]
 
-    def _batch_norm(self, h, norm, weight, count, training, update_statistics):
+    def _batch_norm(self, h, norm, weight, count, training, update_statistics, taps=None):
         gamma, beta, moving_mean, moving_var = norm
         plain, normed = h[:self.members - self.normed], h[self.members - self.normed:]
         if training:
@@ -301,7 +298,10 @@ class PackedMLP:
                 moving_var.assign(moving_var * BN_MOMENTUM + var * (1 - BN_MOMENTUM))
         else:
             mean, var = moving_mean, moving_var
-        normed = (normed - mean) * tf.math.rsqrt(var + BN_EPSILON) * gamma + beta
+        hat = (normed - mean) * tf.math.rsqrt(var + BN_EPSILON)
+        normed = hat * gamma + beta
+        if taps is not None:
+            taps.append(("norm", hat, normed))
         return tf.concat([plain, normed], axis=0)
 
     def _losses(self, logits, y, weight, count):
@@ -313,27 +313,48 @@ class PackedMLP:
 
     # -- compiled functions -----------------------------------------------------------
 
-    def _train_chunk(self, x_all, y_all, idx, counts, n_steps):
-        """`n_steps` training steps on the rows idx[i, :counts[i]]."""
+    def _train_chunk(self, x_all, y_all, x_sq, idx, counts, n_steps):
+        """`n_steps` training steps on the rows idx[i, :counts[i]] (x_sq: each training
+        row's squared norm, for `_example_norms`)."""
         batch = tf.shape(idx)[1]
 
-        def step(i, losses, loss_sum, right_sum):
+        def step(i, losses, loss_sum, right_sum, small, big):
             count = tf.cast(counts[i], tf.float32)
             weight = tf.cast(tf.range(batch) < counts[i], tf.float32)
             x, y = tf.gather(x_all, idx[i]), tf.gather(y_all, idx[i])
+            taps = [] if self.per_example else None
             with tf.GradientTape() as tape:
-                logits = self.forward(x, weight, count, training=True, update_statistics=True)
+                logits = self.forward(x, weight, count, training=True, update_statistics=True, taps=taps)
                 loss, right = self._losses(logits, y, weight, count)
                 total = tf.reduce_sum(loss)
-            self.optimizer.apply(tape.gradient(total, self.trainable), self.trainable)
+            if self.per_example:
+                # One backward pass for the weights and the taps' outputs (the δ_i); the
+                # norms on every `every`-th step of training only (NaN on the others).
+                grads, deltas = tape.gradient(total, (self.trainable, [t[2] for t in taps]))
+
+                def norms():
+                    row = self._example_norms(taps, deltas, weight, count, tf.gather(x_sq, idx[i]))
+                    return (tf.tensor_scatter_nd_update(small, [[i]], row[None]),
+                            tf.tensor_scatter_nd_update(big, [[i]], self._squares(grads)[None]))
+
+                small, big = tf.cond(self.optimizer.iterations % every == 0, norms, lambda: (small, big))
+            else:
+                grads = tape.gradient(total, self.trainable)
+            self.optimizer.apply(grads, self.trainable)
             losses = tf.tensor_scatter_nd_update(losses, [[i]], loss[None])
-            return i + 1, losses, loss_sum + loss * count, right_sum + right
+            return i + 1, losses, loss_sum + loss * count, right_sum + right, small, big
 
         zeros = tf.zeros([self.members])
-        _, losses, loss_sum, right_sum = tf.while_loop(
+        rows = tf.shape(idx)[0] if self.per_example else 1
+        norms = tf.fill([rows, self.members], tf.constant(math.nan, tf.float64))
+        every = tf.cast(tf.maximum(1, EXAMPLE_NORM_ROWS // batch), tf.int64)
+        _, losses, loss_sum, right_sum, small, big = tf.while_loop(
             lambda i, *_: i < n_steps, step,
-            (tf.constant(0), tf.zeros([tf.shape(idx)[0], self.members]), zeros, zeros))
-        return {"losses": losses, "loss_sum": loss_sum, "right_sum": right_sum}
+            (tf.constant(0), tf.zeros([tf.shape(idx)[0], self.members]), zeros, zeros, norms, norms))
+        out = {"losses": losses, "loss_sum": loss_sum, "right_sum": right_sum}
+        if self.per_example:
+            out["example_sq"], out["batch_sq"] = small, big
+        return out
 
     def _validate(self, state, x_val, y_val, w_val):
         """Per member: the summed validation loss and right answers over the chunks
@@ -350,44 +371,9 @@ class PackedMLP:
                                                (tf.constant(0), zeros, zeros))
         return loss_sum, right_sum
 
-    def _gradient(self, x, y):
-        """The members' gradients at the current weights, as a training step sees them
-        (batch statistics) but changing nothing (no moving-statistics update)."""
-        weight = tf.ones([tf.shape(x)[0]])
-        count = tf.reduce_sum(weight)
-        with tf.GradientTape() as tape:
-            loss, _ = self._losses(self.forward(x, weight, count, training=True), y, weight, count)
-            total = tf.reduce_sum(loss)
-        return tape.gradient(total, self.trainable)
-
-    def _dot(self, a, b):
-        """Per member: the dot product of two gradients (lists like `trainable`), float64."""
-        return tf.add_n([member_sum(ga * gb) for member_sum, ga, gb in zip(self._member_sums, a, b)])
-
-    def _probe_noise(self, xs, ys):
-        """As `trainer.noise_probe.GradientProbe.measure`, per member: mean |G_small|² over
-        the k batches xs[i] and |G_big|² of their mean; and that mean (for `_probe_cosine`)."""
-        k = tf.shape(xs)[0]
-
-        def add(i, total, squares):
-            g = self._gradient(xs[i], ys[i])
-            return i + 1, [t + gi for t, gi in zip(total, g)], squares + self._dot(g, g)
-
-        _, total, squares = tf.while_loop(
-            lambda i, *_: i < k, add,
-            (tf.constant(0), [tf.zeros(v.shape, v.dtype) for v in self.trainable],
-             tf.zeros([self.members], tf.float64)))
-        big = [t / tf.cast(k, t.dtype) for t in total]
-        return squares / tf.cast(k, tf.float64), self._dot(big, big), big
-
-    def _probe_cosine(self, big, x_one, y_one):
-        """Per member: cosine(G of the batch (x_one, y_one), G_big)."""
-        one = self._gradient(x_one, y_one)
-        return self._dot(one, big) / tf.sqrt(self._dot(one, one) * self._dot(big, big))
-
-
 class Tensors(NamedTuple):
     x: tf.Tensor      # training inputs [examples, inputs]
+    x_sq: tf.Tensor   # their squared norms [examples] (per-example gradient norms)
     y: tf.Tensor      # training labels [examples]
     x_val: tf.Tensor  # validation inputs in chunks [chunks, EVAL_CHUNK, inputs], zero-padded
     y_val: tf.Tensor  # [chunks, EVAL_CHUNK]
@@ -416,21 +402,24 @@ def tensors(data: Dataset) -> Tensors:
         y_val = np.zeros(chunks * size, data.y_val.dtype)
         y_val[:n] = data.y_val
         w_val = (np.arange(chunks * size) < n).astype(np.float32)
-        entry = (data, Tensors(tf.constant(data.x_train.reshape(len(data.x_train), -1)), tf.constant(data.y_train),
+        x = data.x_train.reshape(len(data.x_train), -1)
+        entry = (data, Tensors(tf.constant(x), tf.constant(np.square(x, dtype=np.float32).sum(axis=1)),
+                               tf.constant(data.y_train),
                                tf.constant(x_val.reshape(chunks, size, -1)), tf.constant(y_val.reshape(chunks, size)),
                                tf.constant(w_val.reshape(chunks, size))))
         _TENSORS[id(data)] = entry
     return entry[1]
 
 
-def structure_key(specs: list[RunSpec], input_shape: tuple[int, ...], classes: int) -> tuple:
+def structure_key(specs: list[RunSpec], input_shape: tuple[int, ...], classes: int,
+                  per_example: bool = False) -> tuple:
     """Packs with equal keys have the same variables and compiled functions; they differ
     only in initializers, batch size, epochs and seed."""
     d = specs[0].to_dict()
     for name in ("initializer", "batch_norm", "batch_size", "epochs", "seed"):
         del d[name]
     return (tuple(sorted((k, repr(v)) for k, v in d.items())), tuple(s.uses_batch_norm for s in specs),
-            tuple(input_shape), classes)
+            tuple(input_shape), classes, per_example)
 
 
 # Packs whose training is over, kept for the next pack of the same structure: loading new

@@ -15,7 +15,8 @@ from typing import Any
 import tomllib
 
 from contract.layout import TEMPLATES, TEXT_LIMITS, control_characters
-from contract.spec import NOISE_FIELDS, RUN_FIELDS, NoiseSettings, RunSpec, format_value
+from contract.spec import (ESTIMATORS, NOISE_FIELDS, PER_EXAMPLE, PROBE, RUN_FIELDS, NoiseSettings, RunSpec,
+                           format_value)
 from trainer.as_run import given_overrides
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -100,6 +101,22 @@ class Experiment:
                 and spec.loss in FUSED_LOSSES:
             return "fused"
         return "compiled"
+
+    def noise_estimator(self, spec: RunSpec) -> str:
+        """How `spec`'s gradient noise is measured ([gradient_noise] estimator, "auto"
+        resolved): per-example norms for a model without batch norm on the fused engine
+        (a batch of one example gives no estimate), the probe for the others."""
+        chosen = self.gradient_noise.estimator
+        if chosen == "auto":
+            fits = self.engine_of(spec) == "fused" and not spec.uses_batch_norm and spec.batch_size > 1
+            return PER_EXAMPLE if fits else PROBE
+        return chosen
+
+    @property
+    def uses_probe(self) -> bool:
+        """Whether some run measures gradient noise with the probe (which needs its big
+        batch of training examples)."""
+        return self.gradient_noise.enabled and any(self.noise_estimator(r) == PROBE for r in self.runs)
 
     def packs(self, indices: list[int]) -> list[tuple[int, ...]]:
         """The grid positions `indices` grouped into packs of at most `pack` runs that train
@@ -286,13 +303,19 @@ class _Checker:
             self.fail("[grid]", f"{len(runs)} runs is over the limit of {MAX_RUNS_WITHOUT_CONFIRM}; "
                       "shrink the grid or pass --confirm-large (CONFIRM=1 with make)")
             return None
-        return Experiment(
+        exp = Experiment(
             name=name, source=str(self.path), title=strings["title"] or name, author=strings["author"],
             id=strings["id"], date=date, template=template, objective=strings["objective"],
             dataset=dataset, validation=validation, limit=limit, data_path=data_path or None,
             steps_per_execution=spe, engine=engine, pack=pack, precision=precision, gradient_noise=noise,
             grid_axes=tuple(names), runs=tuple(dict.fromkeys(runs)), overrides=given_overrides(overrides),
         )
+        from trainer.noise_checks import estimator_problem  # it imports this module
+        problem = estimator_problem(exp)
+        if problem:
+            self.fail("[gradient_noise] estimator", problem)
+            return None
+        return exp
 
     def noise_settings(self, table: dict) -> NoiseSettings:
         default = NoiseSettings()
@@ -306,9 +329,10 @@ class _Checker:
         beta = table.get("beta", default.beta)
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
             self.fail("[gradient_noise] beta", f"must be a number in [0, 1), e.g. 0.9; got {beta!r}")
+        estimator = self.choice("[gradient_noise] estimator", table.get("estimator", default.estimator), ESTIMATORS)
         if self.problems:
             return default
-        return NoiseSettings(enabled=enabled, beta=float(beta), **ints)
+        return NoiseSettings(enabled=enabled, beta=float(beta), estimator=estimator, **ints)
 
     # -- field checks ----------------------------------------------------------------
 
@@ -404,33 +428,6 @@ class _Checker:
 
 
 _BAD = object()
-
-
-def check_noise_fits_limit(experiment: Experiment) -> None:
-    """ExperimentError when the gradient-noise probe's big batch cannot fit in the training
-    examples the experiment's limit leaves (at most `limit`, less the validation split when
-    that is a fraction): the trainer's command line refuses it before TensorFlow or the
-    data are loaded; `trainer.grid.check_fits` checks the data itself."""
-    noise, limit = experiment.gradient_noise, experiment.limit
-    if not noise.enabled or limit is None:
-        return
-    validation = experiment.validation
-    train = limit if validation == "test" else limit - max(1, int(round(limit * float(validation))))
-    if noise.big_batch > train:
-        where = (f"--limit {limit} (LIMIT= with make)" if "limit" in experiment.overrides
-                 else f"[data] limit = {limit}")
-        raise ExperimentError(f"{experiment.source}: [gradient_noise]: "
-                              + noise_fix(noise, train, f"the {train} training examples left by {where}"))
-
-
-def noise_fix(noise: NoiseSettings, examples: int, what: str) -> str:
-    """Why the gradient-noise probe cannot run on `examples` training examples, and the
-    ways out (also used by `trainer.grid.check_fits`)."""
-    return (f"the gradient-noise probe takes batches × small_batch = {noise.batches} × {noise.small_batch} = "
-            f"{noise.big_batch} training examples at once, more than {what}. Raise the limit to at least "
-            f"{noise.big_batch} (LIMIT= with make, --limit), lower [gradient_noise] batches or small_batch "
-            f"(their product at most {examples}), or train without the probe: NOISE=0 with make, "
-            "--no-gradient-noise, or [gradient_noise] enabled = false")
 
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
