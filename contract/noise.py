@@ -238,8 +238,8 @@ class NoiseSchedule:
     same number per epoch: one at the first step at which the epoch has seen another
     `every_examples` examples (steps ⌈m·every_examples / batch⌉ of the epoch, m = 1, 2, …
     while m·every_examples is less than the epoch), and one at each epoch end; at most one
-    per step. The fused engine cuts its chunks of steps at these steps (`steps_to_due`),
-    so it measures at exactly them; the Keras engine, asked once per execution of
+    per step. The fused engine measures at exactly these steps, inside its chunks of
+    steps (`due_in`); the compiled engine cuts its chunks there (`steps_to_due`); the Keras engine, asked once per execution of
     `steps_per_execution` steps, measures at the first execution end at or after each
     (several due within one execution give one measurement). Each member keeps its own
     moving average and measurements. Values come back as {full tag: value}, None where
@@ -283,6 +283,16 @@ class NoiseSchedule:
         """How many steps after `step` the next measurement is due (at least 1): the most
         steps an engine may run before it asks `plan` again to measure on time."""
         return max(1, self.next_due - step)
+
+    def due_in(self, start: int, stop: int) -> list[int]:
+        """The steps in (start, stop] at which measurements fall, in order (for an engine
+        that measures inside its chunks of steps; an epoch's last step is always one)."""
+        out, step = [], self.next_due
+        while step <= stop:
+            if step > start and step != self.last_step:
+                out.append(step)
+            step = self.due_after(step)
+        return out
 
     def due(self, step: int, epoch_end: bool = False) -> bool:
         """Whether a measurement is due at `step` (and not yet taken there)."""

@@ -118,7 +118,7 @@ def add_section(builder, target_loss: float | None = None, *, level: int = 1) ->
     keys = builder.section_keys()
     logged = bool(_epoch_tag(logs.scalars, list(logs.runs["run"]), NOISE_EPOCH_B_LOW).shape[0])
     doc.text(sec, (
-        _method(settings, measured) + " B_simple = tr(Σ)/|G|² is the ratio "
+        _method(settings, measured, logs.manifests) + " B_simple = tr(Σ)/|G|² is the ratio "
         f"of their bias-corrected moving averages (β = {settings['beta']}): the batch size at which the "
         f"gradient noise of a step equals the gradient itself. {len(measured)} of {len(logs.runs)} runs "
         f"carry these measurements ({sum(m['measurements'] for m in measured.values())} in all); the tables "
@@ -130,23 +130,31 @@ def add_section(builder, target_loss: float | None = None, *, level: int = 1) ->
     _critical_part(builder, sec, keys, target_loss, summary)
 
 
-def _method(settings: dict, measured: dict) -> str:
-    """How the runs' |G|² and tr(Σ) were measured: per-example norms, the probe, or both."""
-    ways = {m.get("estimator", "probe") for m in measured.values()}
+def _method(settings: dict, measured: dict, manifests: dict) -> str:
+    """How the runs' |G|² and tr(Σ) were measured: per-example norms, the probe, or each
+    for some of the runs (the trainer's default: per example without batch norm)."""
+    by_way: dict[str, list[dict]] = {}
+    normed = set()
+    for run, m in measured.items():
+        by_way.setdefault(m.get("estimator", "probe"), []).append(m)
+        if m.get("estimator", "probe") == "probe" and (manifests[run].get("spec") or {}).get("batch_norm"):
+            normed.add(run)
+    both = len(by_way) > 1
     texts = []
-    if "per_example" in ways:
+    if "per_example" in by_way:
         texts.append(
-            "In every training step the trainer took the exact norm of each example's gradient and the norm of "
-            "the step's batch gradient, and estimated |G|² and tr(Σ) from E|G_B|² = |G|² + tr(Σ)/B at B = 1 "
-            f"and the batch size (McCandlish et al. 2018, App. A.1); {_schedule(settings)} it averaged the "
-            "estimates of the steps since the last measurement into one (with batch norm, an example's gradient "
-            "is its term in the batch gradient, the batch statistics' coupling included).")
-    probe = next((m for m in measured.values() if m.get("estimator", "probe") == "probe"), None)
-    if probe is not None:
+            (f"For the {len(by_way['per_example'])} runs measured per example: in " if both else "In ")
+            + "every training step the trainer took the exact norm of each example's gradient and of the step's "
+            "batch gradient (on one step in 256 / B below a batch of 128), and estimated |G|² and tr(Σ) from "
+            "E|G_B|² = |G|² + tr(Σ)/B at B = 1 and the batch size (McCandlish et al. 2018, App. A.1); "
+            f"{_schedule(settings)} it averaged the estimates of the steps since the last measurement into one.")
+    if "probe" in by_way:
+        probe = by_way["probe"][0]
+        reason = (" (with batch norm an example's gradient depends on its whole batch, so there are no "
+                  "per-example gradients to take)" if both and len(normed) == len(by_way["probe"]) else "")
         texts.append(
-            (f"For {sum(m.get('estimator', 'probe') == 'probe' for m in measured.values())} of the runs: "
-             if len(ways) > 1 else "")
-            + f"With the weights held fixed, {_schedule(probe)} the trainer took the gradients of "
+            (f"For the {len(by_way['probe'])} runs measured with the probe{reason}: with " if both else "With ")
+            + f"the weights held fixed, {_schedule(probe)} the trainer took the gradients of "
             f"{probe['batches']} disjoint batches of {probe['small_batch']} training examples and their mean (a "
             f"batch of {probe['big_batch']}), and estimated |G|² and tr(Σ) from E|G_B|² = |G|² + tr(Σ)/B "
             "(McCandlish et al. 2018, App. A.1).")

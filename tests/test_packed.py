@@ -107,12 +107,12 @@ def test_each_member_trains_as_keras_trains_it_alone(trained):
 
 
 def test_validation_matches_keras_evaluate(trained, data, monkeypatch):
-    import trainer.packed_model
+    import trainer.packed_data
 
     specs, pack, _, _, keras_runs = trained
     x, y = data
-    monkeypatch.setattr(trainer.packed_model, "EVAL_CHUNK", 64)  # 250 rows: 3 whole chunks and a padded one
-    trainer.packed_model._TENSORS.clear()
+    monkeypatch.setattr(trainer.packed_data, "EVAL_CHUNK", 64)  # 250 rows: 3 whole chunks and a padded one
+    trainer.packed_data._TENSORS.clear()
     out = pack.run_chunk(dataset(x, y), np.zeros((1, BATCH), np.int32), np.zeros(1, np.int32), 0, validate=True)
     loss, accuracy = out["val_loss"], out["val_accuracy"]
     for j, (model, _, _) in enumerate(keras_runs):
@@ -135,6 +135,19 @@ def test_gradient_probe_matches_the_single_model_probe(trained, data):
                                                           x[200:232], y[200:232])
         np.testing.assert_allclose([small[j], big[j], cosine[j]], ref, rtol=1e-4)
     assert not np.allclose(small, small[0])  # the members really differ
+    # With per-example norms for the members without batch norm, the probe takes only the
+    # batch-norm members' gradients, and gives them the same values.
+    from trainer.packed_model import PackedMLP
+
+    mixed = PackedMLP(specs, input_shape=SHAPE, classes=CLASSES, probe=(4, 32, 32), per_example=True)
+    for variable, trained_value in zip(mixed.state, pack.state):
+        variable.assign(trained_value)
+    out = mixed.run_chunk(dataset(x, y), np.zeros((1, BATCH), np.int32), np.zeros(1, np.int32), 0,
+                          probe=(rows, one))
+    normed = [j for j, spec in enumerate(specs) if spec.uses_batch_norm]
+    assert mixed.probe_from == normed[0] == 2
+    for got, want in zip(out["probe"], (small, big, cosine)):
+        np.testing.assert_allclose(got[normed], want[normed], rtol=1e-5)
 
 
 def test_a_member_does_not_depend_on_its_pack_mates(data):
@@ -297,14 +310,15 @@ def test_per_example_norms_match_a_gradient_per_example(data, monkeypatch):
     """contract.noise's per-example estimator reads, from each training step, mean |g_i|²
     and |G_B|² per member without batch norm (NaN for the others, which the probe
     measures): checked against per-example weight copies, two hidden layers, on a full
-    batch and then a partial (padded) one; and taken on one step in ⌊256 / batch⌋."""
+    batch and then a partial (padded) one; taken on one step in ⌊256 / batch⌋, and on at
+    most 256 rows of it."""
     from trainer import packed_model
     from trainer.packed_model import PackedMLP
 
     x, y = data
     specs = member_specs()
     plain = sum(not s.uses_batch_norm for s in specs)
-    monkeypatch.setattr(packed_model, "EXAMPLE_NORM_ROWS", 1)  # every step (read when traced)
+    monkeypatch.setattr(packed_model, "EXAMPLE_NORM_EVERY", 1)  # every step (read when traced)
     pack = PackedMLP(specs, input_shape=SHAPE, classes=CLASSES, per_example=True)
     for rows in (np.arange(BATCH), np.arange(BATCH, BATCH + 12)):  # 12 real rows of 32: padding masked
         want = [_example_norms_by_row_copies(pack, j, x[rows], y[rows]) for j in range(plain)]
@@ -321,3 +335,12 @@ def test_per_example_norms_match_a_gradient_per_example(data, monkeypatch):
     idx, counts = np.tile(np.arange(BATCH, dtype=np.int32), (9, 1)), np.full(9, BATCH, np.int32)
     out = pack.run_chunk(dataset(x, y), idx, counts, 9)
     assert np.flatnonzero(np.isfinite(out["example_sq"][:, 0])).tolist() == [0, 8]  # 256 / 32 = 8
+    # Norms on the batch's first 16 rows only: their mean |g_i|², and the whole batch's |G_B|².
+    monkeypatch.setattr(packed_model, "EXAMPLE_NORM_ROWS", 16)
+    pack = PackedMLP(specs, input_shape=SHAPE, classes=CLASSES, per_example=True)
+    rows = np.arange(BATCH)
+    small = [_example_norms_by_row_copies(pack, j, x[rows[:16]], y[rows[:16]])[0] for j in range(plain)]
+    big = [_example_norms_by_row_copies(pack, j, x[rows], y[rows])[1] for j in range(plain)]
+    out = pack.run_chunk(dataset(x, y), rows[None].astype(np.int32), np.array([BATCH], np.int32), 1)
+    np.testing.assert_allclose(out["example_sq"][0, :plain], small, rtol=2e-4)
+    np.testing.assert_allclose(out["batch_sq"][0, :plain], big, rtol=2e-4)

@@ -117,7 +117,7 @@ def custom_scalars_layout(batch_sizes, batch_norms):
                        noise(NOISE_EPOCH_B_SIMPLE, NOISE_EPOCH_B_LOW, NOISE_EPOCH_B_HIGH)),
                 _chart("|G|² and tr Σ, single estimates", noise(NOISE_G2, NOISE_TRACE)),
                 _chart("noise at the run's batch size, tr Σ / B", noise(NOISE_AT_BATCH, NOISE_EPOCH_AT_BATCH)),
-                _chart("cosine of a batch gradient with the big batch's", noise(NOISE_COSINE, NOISE_EPOCH_COSINE)),
+                _chart("cosine of a batch gradient with the big batch's (probe runs)", noise(NOISE_COSINE, NOISE_EPOCH_COSINE)),
                 _chart("step-loss roughness", noise(NOISE_ROUGHNESS))]
     return layout_pb2.Layout(category=[
         layout_pb2.Category(title="Per batch size: BN on and off, train and validation", chart=per_size),

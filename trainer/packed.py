@@ -20,7 +20,17 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from contract.layout import COMPLETE, DIVERGED, EPOCH_ACCURACY, EPOCH_LOSS, FAILED, INTERRUPTED, SPLITS, TRAIN, VALIDATION
+from contract.layout import (
+    COMPLETE,
+    DIVERGED,
+    EPOCH_ACCURACY,
+    EPOCH_LOSS,
+    FAILED,
+    INTERRUPTED,
+    SPLITS,
+    TRAIN,
+    VALIDATION,
+)
 from contract.noise import NoiseSchedule, roughness
 from contract.spec import PER_EXAMPLE, PROBE, RunSpec
 from trainer import events, faults, interrupt
@@ -149,16 +159,24 @@ def train_pack(experiment: Experiment, specs: list[RunSpec], data: Dataset, run_
             epoch_losses, loss_sum, right_sum = [], np.zeros(m), np.zeros(m)
             s = 0
             while s < steps_per_epoch:
-                # A chunk ends where a measurement is due, so the probe sees the weights of
-                # exactly that step (contract.noise.NoiseSchedule); the steps are the same.
-                n = min(chunk, steps_per_epoch - s, noise.steps_to_due(steps_done) if noise is not None else chunk)
+                n = min(chunk, steps_per_epoch - s)
                 last = s + n == steps_per_epoch
                 part_idx = np.zeros((chunk, first.batch_size), np.int32)
                 part_idx[:n] = idx[s:s + n]
                 part_counts = np.zeros(chunk, np.int32)
                 part_counts[:n] = counts[s:s + n]
-                probe = noise.plan(steps_done + n, last) if noise is not None and pack.probe_shape else None
-                out = pack.run_chunk(data, part_idx, part_counts, n, probe=probe, validate=last)
+                # The measurements that fall in this chunk (contract.noise.NoiseSchedule):
+                # the probe's inside the training program, after exactly their steps; at an
+                # epoch's end, after the chunk (with the cosine's batch).
+                due = noise.due_in(steps_done, steps_done + n) if noise is not None else []
+                probes, probe = {}, None
+                for d in due if pack.probe_shape else []:
+                    plan = noise.plan(d, epoch_end=last and d == steps_done + n)
+                    if last and d == steps_done + n:
+                        probe = plan
+                    else:
+                        probes[d - steps_done - 1] = plan[0]
+                out = pack.run_chunk(data, part_idx, part_counts, n, probe=probe, validate=last, probes=probes)
                 losses = out["losses"][:n]
                 written = _record_divergence(losses, steps_done, state["diverged_at"])
                 first_step, steps_done = steps_done + 1, steps_done + n
@@ -167,11 +185,7 @@ def train_pack(experiment: Experiment, specs: list[RunSpec], data: Dataset, run_
                 right_sum += out["right_sum"]
                 alive = [d is None for d in state["diverged_at"]]
                 if noise is not None:
-                    if pack.per_example:
-                        noise.add_steps(out["example_sq"][:n], out["batch_sq"][:n], part_counts[:n])
-                    if noise.due(steps_done, last) and any(alive):
-                        for j, values in enumerate(noise.measure(steps_done, alive, out.get("probe"))):
-                            writer.add(j, TRAIN, values, steps_done)
+                    _measure(noise, pack, out, part_counts[:n], first_step - 1, due, state["diverged_at"], writer)
                 if not last or not any(alive):  # else written with the epoch's scalars below
                     writer.write(losses, first_step, written)
                     faults.point("step")
@@ -216,6 +230,26 @@ def train_pack(experiment: Experiment, specs: list[RunSpec], data: Dataset, run_
             manifest["error"] = one_line(exc)
             manifest["traceback"] = traceback.format_exc()
         return finish(FAILED)
+
+
+def _measure(noise: NoiseSchedule, pack: PackedMLP, out: dict, counts: np.ndarray, step0: int, due: list[int],
+             diverged_at: list, writer: events.BatchedWriter) -> None:
+    """The chunk's per-example values into `noise`, split at its measurements `due`; each
+    measurement logged at its step for the members alive then."""
+    start = 0
+    for d in due:
+        end = d - step0
+        if pack.per_example:
+            noise.add_steps(out["example_sq"][start:end], out["batch_sq"][start:end], counts[start:end])
+        start = end
+        alive = [at is None or at > d for at in diverged_at]
+        probe = out.get("probe") if end == len(counts) and "probe" in out else None
+        if probe is None and pack.probe_shape is not None:
+            probe = (out["probe_small"][end - 1], out["probe_big"][end - 1], None)
+        for j, values in enumerate(noise.measure(d, alive, probe)):
+            writer.add(j, TRAIN, values, d)
+    if pack.per_example:
+        noise.add_steps(out["example_sq"][start:len(counts)], out["batch_sq"][start:len(counts)], counts[start:])
 
 
 def _record_divergence(losses: np.ndarray, step0: int, diverged_at: list) -> np.ndarray:

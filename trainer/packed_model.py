@@ -32,16 +32,17 @@ from contract.spec import RunSpec
 from trainer import events
 from trainer.data import Dataset
 from trainer.models import build_model, make_optimizer, summarize
+from trainer.packed_data import Tensors, tensors
 from trainer.packed_noise import PackNoise, member_sums
 
 # keras.layers.BatchNormalization's defaults, which build_model uses.
 BN_EPSILON, BN_MOMENTUM = 1e-3, 0.99
-EVAL_CHUNK = 2048  # validation examples per step of the validation pass
-# The per-example estimator takes its norms on one training step in every ⌊256 / batch⌋
-# (each step at batch ≥ 128): measured at batch 64, the norms cost ≈35% of a step, while
-# the B_simple of a run hardly depends on the steps' count (a measurement averages the
-# ≈7,500 examples since the last one).
-EXAMPLE_NORM_ROWS = 256
+# The per-example estimator takes its norms on one training step in every
+# ⌊EXAMPLE_NORM_EVERY / batch⌋, and on at most EXAMPLE_NORM_ROWS rows of it (mean |g_i|² over a random subset is still unbiased; |G_B|²
+# is the whole batch's): measured at batch 64, norms on every row of every step cost ≈35%
+# of a step, while a run's B_simple hardly depends on how many rows give it (a measurement
+# averages the ≈7,500 examples since the last one).
+EXAMPLE_NORM_EVERY = EXAMPLE_NORM_ROWS = 256
 
 
 class Members(NamedTuple):
@@ -95,6 +96,9 @@ class PackedMLP(PackNoise):
         # per_example: each training step also returns its per-example gradient norms
         # (`_example_norms`), for contract.noise's per-example estimator.
         self.per_example = per_example
+        # The probe's first member: with per-example norms for the members without batch
+        # norm, it takes the gradients of the batch-norm members only.
+        self.probe_from = sum(not s.uses_batch_norm for s in specs) if per_example else 0
         self.key = structure_key(specs, input_shape, classes, per_example)
         first = specs[0]
         self.input_shape, self.classes = tuple(input_shape), classes
@@ -123,7 +127,7 @@ class PackedMLP(PackNoise):
         self.train_chunk = self.probe_noise = self.probe_cosine = None
         self._pending: dict[str, Future] = {}  # see warm_up
 
-    def validator(self, t: "Tensors"):
+    def validator(self, t: Tensors):
         """The validation pass for packs of this structure: one XLA program that takes the
         weights as arguments, so it is compiled once per structure and process, not once
         per batch size as it would be inside `train_chunk` (≈0.5 s of CPU each)."""
@@ -154,7 +158,7 @@ class PackedMLP(PackNoise):
         for variable, value in zip(self.optimizer.variables, self._optimizer_start):
             variable.assign(value)
 
-    def _functions(self, t: "Tensors") -> None:
+    def _functions(self, t: Tensors) -> None:
         if self.train_chunk is not None:
             return
         def spec(tensor, open_dims):  # the first `open_dims` dimensions left open
@@ -165,7 +169,8 @@ class PackedMLP(PackNoise):
         self.train_chunk = tf.function(
             self._train_chunk, jit_compile=True, autograph=False,
             input_signature=[spec(t.x, 1), spec(t.y, 1), spec(t.x_sq, 1), tf.TensorSpec([None, None], tf.int32),
-                             tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32)])
+                             tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32),
+                             tf.TensorSpec([None, None, None], tf.int32), tf.TensorSpec([None], tf.int32)])
         # The probe's small batches as one XLA program, ≈1.4× faster than without XLA
         # (measured: 16.7 → 11.9 ms of CPU at 4 × 128, six members), which pays at
         # dozens of measurements a run: compiled once per pack object (≈1.2 s, in the
@@ -197,12 +202,12 @@ class PackedMLP(PackNoise):
         self.run_chunk(data, np.zeros((steps_per_execution, batch), np.int32),
                        np.zeros(steps_per_execution, np.int32), 0)
 
-    def _warm_up_probe(self, t: "Tensors") -> None:
+    def _warm_up_probe(self, t: Tensors) -> None:
         k, small, one = self.probe_shape
         _, _, big = self.probe_noise(tf.zeros((k, small, self.inputs), t.x.dtype), tf.zeros((k, small), t.y.dtype))
         self.probe_cosine(big, t.x[:one], t.y[:one])
 
-    def _warm_up_validator(self, t: "Tensors") -> None:
+    def _warm_up_validator(self, t: Tensors) -> None:
         """Compile the validation pass for these shapes, once per process (on zero weights:
         the pack may be training meanwhile)."""
         shapes = (self.key, tuple(t.x_val.shape))
@@ -217,17 +222,28 @@ class PackedMLP(PackNoise):
             job.result()
 
     def run_chunk(self, data: Dataset, idx: np.ndarray, counts: np.ndarray, steps: int, *,
-                  probe: tuple[np.ndarray, np.ndarray] | None = None, validate: bool = False) -> dict:
-        """`steps` training steps on the rows idx[i, :counts[i]] of the training set; then,
-        if given, the gradient probe on the rows `probe` = (small batches [k, B_small],
-        one batch: no rows, no cosine), and if `validate`, the validation pass. numpy arrays:
+                  probe: tuple[np.ndarray, np.ndarray] | None = None, validate: bool = False,
+                  probes: dict[int, np.ndarray] | None = None) -> dict:
+        """`steps` training steps on the rows idx[i, :counts[i]] of the training set; after
+        step i (0-based) in `probes`, the probe on its small batches' rows [k, B_small]
+        ("probe_small", "probe_big" [len(idx), members], NaN elsewhere); then, if given,
+        the gradient probe on the rows `probe` = (small batches [k, B_small], one batch:
+        no rows, no cosine), and if `validate`, the validation pass. numpy arrays:
         "losses" [len(idx), members] (the first `steps` rows real), "loss_sum" and
         "right_sum" per member (loss × examples, right answers); "probe": see `_probe_noise`
         (and the cosine, NaN without its batch);
         "val_loss", "val_accuracy" per member."""
         t = tensors(data)
         self._functions(t)
-        out = self.train_chunk(t.x, t.y, t.x_sq, idx, counts, tf.constant(steps, tf.int32))
+        if probes and self.probe_shape is None:
+            raise ValueError("this pack was built without a gradient probe")
+        k, small = self.probe_shape[:2] if self.probe_shape is not None else (1, 1)
+        probe_rows = np.zeros((len(idx), k, small), np.int32)  # one shape a chunk size: one XLA program
+        probe_after = np.zeros(len(idx), np.int32)
+        for i, rows in (probes or {}).items():
+            probe_rows[i], probe_after[i] = rows, 1
+        out = self.train_chunk(t.x, t.y, t.x_sq, idx, counts, tf.constant(steps, tf.int32),
+                               probe_rows, probe_after)
         if validate:
             self._ready("validate")
             out["val_loss_sum"], out["val_right"] = self.validator(t)(self.state, t.x_val, t.y_val, t.w_val)
@@ -254,18 +270,21 @@ class PackedMLP(PackNoise):
     # -- the model --------------------------------------------------------------------
 
     def forward(self, x, weight, count, *, training: bool, update_statistics: bool = False, state=None,
-                taps: list | None = None):
+                taps: list | None = None, first: int = 0):
         """Logits [members, batch, classes] for x [batch, inputs]; `weight` masks padding
         rows (batch statistics and losses use only the `count` real ones). `state`: values
         in the order of `self.state` to use instead of the variables (no statistics update).
         `taps`: a list to append, per dense layer, ("dense", its input, its output before
         the activation) and, per batch-norm layer, ("norm", the normalized values, its
-        output) of the normed members, for `_example_norms`."""
+        output) of the normed members, for `_example_norms`. `first`: the members from
+        `first` on only (at most the first normed one; the probe's)."""
         kernels, biases, norms = self._unpack(self.state if state is None else state)
-        z = tf.matmul(x, kernels[0]) + biases[0]
+        u = self.units[0]
+        z = tf.matmul(x, kernels[0][:, first * u:]) + biases[0][first * u:]
         if taps is not None:
             taps.append(("dense", x, z))
-        h = tf.transpose(tf.reshape(self.activation(z), [-1, self.members, self.units[0]]), [1, 0, 2])
+        h = tf.transpose(tf.reshape(self.activation(z), [-1, self.members - first, u]), [1, 0, 2])
+        kernels, biases = kernels[:1] + [k[first:] for k in kernels[1:]], biases[:1] + [b[first:] for b in biases[1:]]
         for layer in range(len(self.units)):
             if layer:
                 z = tf.matmul(h, kernels[layer]) + biases[layer]
@@ -273,7 +292,7 @@ class PackedMLP(PackNoise):
                     taps.append(("dense", h, z))
                 h = self.activation(z)
             if self.normed:
-                h = self._batch_norm(h, norms[layer], weight, count, training, update_statistics, taps)
+                h = self._batch_norm(h, norms[layer], weight, count, training, update_statistics, taps, first)
         logits = tf.matmul(h, kernels[-1]) + biases[-1]
         if taps is not None:
             taps.append(("dense", h, logits))
@@ -286,9 +305,9 @@ class PackedMLP(PackNoise):
         rest = state[2 * layers:]
         return state[:layers], state[layers:2 * layers], [rest[4 * i:4 * i + 4] for i in range(len(rest) // 4)]
 
-    def _batch_norm(self, h, norm, weight, count, training, update_statistics, taps=None):
+    def _batch_norm(self, h, norm, weight, count, training, update_statistics, taps=None, first=0):
         gamma, beta, moving_mean, moving_var = norm
-        plain, normed = h[:self.members - self.normed], h[self.members - self.normed:]
+        plain, normed = h[:self.members - self.normed - first], h[self.members - self.normed - first:]
         if training:
             w = weight[None, :, None]
             mean = tf.reduce_sum(normed * w, axis=1, keepdims=True) / count
@@ -306,19 +325,22 @@ class PackedMLP(PackNoise):
 
     def _losses(self, logits, y, weight, count):
         """Per member: the mean loss over the real rows, and the count of right answers."""
-        labels = tf.broadcast_to(y[None], [self.members, tf.shape(y)[0]])
+        labels = tf.broadcast_to(y[None], [tf.shape(logits)[0], tf.shape(y)[0]])
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
         right = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype), labels), tf.float32)
         return tf.reduce_sum(ce * weight, axis=1) / count, tf.reduce_sum(right * weight, axis=1)
 
     # -- compiled functions -----------------------------------------------------------
 
-    def _train_chunk(self, x_all, y_all, x_sq, idx, counts, n_steps):
+    def _train_chunk(self, x_all, y_all, x_sq, idx, counts, n_steps, probe_rows, probe_after):
         """`n_steps` training steps on the rows idx[i, :counts[i]] (x_sq: each training
-        row's squared norm, for `_example_norms`)."""
+        row's squared norm, for `_example_norms`); after step i where probe_after[i], the
+        probe's small batches probe_rows[i] ([k, B_small]) at the weights it left (one
+        program for a chunk: a separate call and a chunk cut at each measurement cost
+        ≈5 ms each, more than the probe's arithmetic)."""
         batch = tf.shape(idx)[1]
 
-        def step(i, losses, loss_sum, right_sum, small, big):
+        def step(i, losses, loss_sum, right_sum, small, big, probe_small, probe_big):
             count = tf.cast(counts[i], tf.float32)
             weight = tf.cast(tf.range(batch) < counts[i], tf.float32)
             x, y = tf.gather(x_all, idx[i]), tf.gather(y_all, idx[i])
@@ -333,7 +355,7 @@ class PackedMLP(PackNoise):
                 grads, deltas = tape.gradient(total, (self.trainable, [t[2] for t in taps]))
 
                 def norms():
-                    row = self._example_norms(taps, deltas, weight, count, tf.gather(x_sq, idx[i]))
+                    row = self._example_norms(taps, deltas, weight, count, tf.gather(x_sq, idx[i]), EXAMPLE_NORM_ROWS)
                     return (tf.tensor_scatter_nd_update(small, [[i]], row[None]),
                             tf.tensor_scatter_nd_update(big, [[i]], self._squares(grads)[None]))
 
@@ -342,18 +364,31 @@ class PackedMLP(PackNoise):
                 grads = tape.gradient(total, self.trainable)
             self.optimizer.apply(grads, self.trainable)
             losses = tf.tensor_scatter_nd_update(losses, [[i]], loss[None])
-            return i + 1, losses, loss_sum + loss * count, right_sum + right, small, big
+            if self.probe_shape is not None:
+                def probe():
+                    rows = probe_rows[i]
+                    small_sq, big_sq, _ = self._probe_noise(tf.gather(x_all, rows), tf.gather(y_all, rows))
+                    return (tf.tensor_scatter_nd_update(probe_small, [[i]], small_sq[None]),
+                            tf.tensor_scatter_nd_update(probe_big, [[i]], big_sq[None]))
+
+                probe_small, probe_big = tf.cond(probe_after[i] > 0, probe, lambda: (probe_small, probe_big))
+            return i + 1, losses, loss_sum + loss * count, right_sum + right, small, big, probe_small, probe_big
 
         zeros = tf.zeros([self.members])
-        rows = tf.shape(idx)[0] if self.per_example else 1
-        norms = tf.fill([rows, self.members], tf.constant(math.nan, tf.float64))
-        every = tf.cast(tf.maximum(1, EXAMPLE_NORM_ROWS // batch), tf.int64)
-        _, losses, loss_sum, right_sum, small, big = tf.while_loop(
+
+        def unset(used: bool):  # [steps, members] of NaN (one row if unused)
+            return tf.fill([tf.shape(idx)[0] if used else 1, self.members], tf.constant(math.nan, tf.float64))
+
+        every = tf.cast(tf.maximum(1, EXAMPLE_NORM_EVERY // batch), tf.int64)
+        _, losses, loss_sum, right_sum, small, big, probe_small, probe_big = tf.while_loop(
             lambda i, *_: i < n_steps, step,
-            (tf.constant(0), tf.zeros([tf.shape(idx)[0], self.members]), zeros, zeros, norms, norms))
+            (tf.constant(0), tf.zeros([tf.shape(idx)[0], self.members]), zeros, zeros, unset(self.per_example),
+             unset(self.per_example), unset(self.probe_shape is not None), unset(self.probe_shape is not None)))
         out = {"losses": losses, "loss_sum": loss_sum, "right_sum": right_sum}
         if self.per_example:
             out["example_sq"], out["batch_sq"] = small, big
+        if self.probe_shape is not None:
+            out["probe_small"], out["probe_big"] = probe_small, probe_big
         return out
 
     def _validate(self, state, x_val, y_val, w_val):
@@ -371,44 +406,12 @@ class PackedMLP(PackNoise):
                                                (tf.constant(0), zeros, zeros))
         return loss_sum, right_sum
 
-class Tensors(NamedTuple):
-    x: tf.Tensor      # training inputs [examples, inputs]
-    x_sq: tf.Tensor   # their squared norms [examples] (per-example gradient norms)
-    y: tf.Tensor      # training labels [examples]
-    x_val: tf.Tensor  # validation inputs in chunks [chunks, EVAL_CHUNK, inputs], zero-padded
-    y_val: tf.Tensor  # [chunks, EVAL_CHUNK]
-    w_val: tf.Tensor  # 1 for a real row, 0 for padding
-
-
-_TENSORS: dict[int, tuple[Dataset, Tensors]] = {}
 # The validation pass per structure_key (see `PackedMLP.validator`).
 _VALIDATE: dict[tuple, tf.types.experimental.PolymorphicFunction] = {}
 _VALIDATE_LOCK = threading.Lock()
 _VALIDATE_WARM: set[tuple] = set()  # (structure key, validation chunks' shape) compiled
 # Where `PackedMLP.warm_up` traces and compiles what training needs only after its first steps.
 _BACKGROUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-up")
-
-
-def tensors(data: Dataset) -> Tensors:
-    """The dataset as tensors, made once per dataset and shared by every pack this process
-    trains."""
-    entry = _TENSORS.get(id(data))
-    if entry is None or entry[0] is not data:
-        _TENSORS.clear()
-        n, size = len(data.x_val), min(EVAL_CHUNK, len(data.x_val))
-        chunks = math.ceil(n / size)
-        x_val = np.zeros((chunks * size, int(np.prod(data.x_val.shape[1:]))), np.float32)
-        x_val[:n] = data.x_val.reshape(n, -1)
-        y_val = np.zeros(chunks * size, data.y_val.dtype)
-        y_val[:n] = data.y_val
-        w_val = (np.arange(chunks * size) < n).astype(np.float32)
-        x = data.x_train.reshape(len(data.x_train), -1)
-        entry = (data, Tensors(tf.constant(x), tf.constant(np.square(x, dtype=np.float32).sum(axis=1)),
-                               tf.constant(data.y_train),
-                               tf.constant(x_val.reshape(chunks, size, -1)), tf.constant(y_val.reshape(chunks, size)),
-                               tf.constant(w_val.reshape(chunks, size))))
-        _TENSORS[id(data)] = entry
-    return entry[1]
 
 
 def structure_key(specs: list[RunSpec], input_shape: tuple[int, ...], classes: int,

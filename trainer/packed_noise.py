@@ -41,15 +41,16 @@ def member_sums(pack) -> list:
 class PackNoise:
     """The pack's gradient-noise methods (mixed into `PackedMLP`)."""
 
-    def _example_norms(self, taps, deltas, weight, count, x_sq):
+    def _example_norms(self, taps, deltas, weight, count, x_sq, rows: int):
         """Per member without batch norm (NaN for the others, which the probe measures):
-        the mean over the batch's real rows of |g_i|², g_i the gradient of example i's
-        loss. The loss is the mean over `count` rows, so g_i = count·a_iᵀδ_i, with δ_i the
-        row of the loss's gradient at a dense layer's output and a_i of its input: per
-        layer (|a_i|² + 1)·|δ_i|² (kernel and bias); x_sq: the batch's |x_i|², the first
+        the mean of |g_i|² over the real rows among the batch's first `rows` (a random
+        subset: the batch is shuffled), g_i the gradient of example i's loss. The loss is
+        the mean over `count` rows, so g_i = count·a_iᵀδ_i, with δ_i the row of the loss's
+        gradient at a dense layer's output and a_i of its input: per layer
+        (|a_i|² + 1)·|δ_i|² (kernel and bias); x_sq: the batch's |x_i|², the first
         layer's |a_i|². Written by hand: neither Keras nor TensorFlow gives per-example
         gradient norms without a backward pass per example."""
-        def rows(t):  # squared norm of each row: [members, batch]
+        def norms(t):  # squared norm of each row: [members, rows]
             return tf.reduce_sum(tf.square(t), axis=-1)
 
         plain = self.members - self.normed
@@ -58,11 +59,13 @@ class PackNoise:
             if kind == "norm":
                 continue
             if a.shape.rank == 2:  # the first layer: one input for every member
-                per = tf.reduce_sum(tf.square(tf.reshape(d, [-1, self.members, self.units[0]])[:, :plain]), axis=2)
-                total += tf.transpose(per) * (x_sq + 1)[None]
+                per = tf.reshape(d[:rows], [-1, self.members, self.units[0]])[:, :plain]
+                total += tf.transpose(tf.reduce_sum(tf.square(per), axis=2)) * (x_sq[:rows] + 1)[None]
             else:
-                total += rows(d[:plain]) * (rows(a[:plain]) + 1)
-        mean = tf.reduce_sum(tf.cast(total * weight[None], tf.float64), axis=1) * tf.cast(count, tf.float64)
+                total += norms(d[:plain, :rows]) * (norms(a[:plain, :rows]) + 1)
+        w = weight[:rows]
+        c = tf.cast(count, tf.float64)
+        mean = tf.reduce_sum(tf.cast(total * w[None], tf.float64), axis=1) * c * c / tf.cast(tf.reduce_sum(w), tf.float64)
         return tf.concat([mean, tf.fill([self.normed], tf.constant(math.nan, tf.float64))], axis=0)
 
     def _gradient(self, x, y):
@@ -70,8 +73,9 @@ class PackNoise:
         (batch statistics) but changing nothing (no moving-statistics update)."""
         weight = tf.ones([tf.shape(x)[0]])
         count = tf.reduce_sum(weight)
-        with tf.GradientTape() as tape:
-            loss, _ = self._losses(self.forward(x, weight, count, training=True), y, weight, count)
+        with tf.GradientTape() as tape:  # members before `probe_from`: zero gradients, not computed
+            loss, _ = self._losses(self.forward(x, weight, count, training=True, first=self.probe_from),
+                                   y, weight, count)
             total = tf.reduce_sum(loss)
         return tape.gradient(total, self.trainable)
 
