@@ -99,9 +99,9 @@ bench: $(STAMP) dataset
 bench-report: $(STAMP)
 	$(BIN)/python -m bench.report_speed --logdir $(LOGDIR)/$(EXPERIMENT)
 
-## bench-noise: training time with [gradient_noise] off vs on, every run of EXPERIMENT twice; QUICK=1 reduced
+## bench-noise: training time with [gradient_noise] off vs on, every run of EXPERIMENT twice; QUICK=1 reduced, REPEAT=3 rounds
 bench-noise: $(STAMP) dataset
-	$(BIN)/python -m bench.noise_overhead --experiment $(EXPERIMENT) $(if $(QUICK),--quick) $(if $(DATA),--data $(DATA))
+	$(BIN)/python -m bench.noise_overhead --experiment $(EXPERIMENT) $(if $(QUICK),--quick) $(if $(DATA),--data $(DATA)) $(if $(REPEAT),--repeat $(REPEAT))
 
 ## tensorboard: live view of LOGDIR at http://HOST:PORT (localhost:6006), every point kept
 tensorboard: $(STAMP)

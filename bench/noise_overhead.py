@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--small-batch", type=int, help="override [gradient_noise] small_batch")
     p.add_argument("--estimator", choices=("auto", "per_example", "probe"), help="override [gradient_noise] estimator")
     p.add_argument("--no-warm-up", action="store_true", help="count each batch size's compilation too")
+    p.add_argument("--repeat", type=int, default=1, help="train every pack this many times on each side "
+                   "(the timings of this 2-core machine vary by ±5-10%% from one invocation to the next)")
     p.add_argument("--data", help="as for the trainer: a .npz or IDX folder")
     args = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -72,22 +74,25 @@ def main(argv=None) -> int:
                     train_runs(sides[side], specs, data, [Path(tmp) / "warm-up" / side / exp.run_name(s) for s in specs])
             print(f"warm-up: one pack per batch size and side, {time.perf_counter() - t0:.1f}s (not counted)",
                   file=sys.stderr, flush=True)
-        for k, pack in enumerate(packs):
-            specs = [exp.runs[i] for i in pack]
-            order = ("off", "on") if k % 2 == 0 else ("on", "off")
-            for side in order:
-                run_dirs = [Path(tmp) / side / exp.run_name(spec) for spec in specs]
-                t0, c0 = time.perf_counter(), time.process_time()
-                manifests = train_runs(sides[side], specs, data, run_dirs)
-                wall[side][specs[0].batch_size] += time.perf_counter() - t0
-                cpu[side][specs[0].batch_size] += time.process_time() - c0
-                for manifest in manifests:
-                    assert manifest["status"] == COMPLETE, manifest.get("error")
-                    if side == "on":
-                        measurements[specs[0].batch_size] += manifest["gradient_noise"]["measurements"]
-            print(f"pack {k + 1}/{len(packs)} ({len(pack)} runs, batch {specs[0].batch_size}) done",
-                  file=sys.stderr, flush=True)
-    print(f"{exp.name}{' (quick)' if args.quick else ''}: {len(exp.runs)} runs × 2 on {len(data.x_train)} "
+        rounds = [defaultdict(float) for _ in range(args.repeat)]  # per repeat: side → wall seconds
+        for r in range(args.repeat):
+            for k, pack in enumerate(packs):
+                specs = [exp.runs[i] for i in pack]
+                order = ("off", "on") if (k + r) % 2 == 0 else ("on", "off")
+                for side in order:
+                    run_dirs = [Path(tmp) / f"{side}{r}" / exp.run_name(spec) for spec in specs]
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    manifests = train_runs(sides[side], specs, data, run_dirs)
+                    wall[side][specs[0].batch_size] += time.perf_counter() - t0
+                    rounds[r][side] += time.perf_counter() - t0
+                    cpu[side][specs[0].batch_size] += time.process_time() - c0
+                    for manifest in manifests:
+                        assert manifest["status"] == COMPLETE, manifest.get("error")
+                        if side == "on" and r == 0:
+                            measurements[specs[0].batch_size] += manifest["gradient_noise"]["measurements"]
+                print(f"round {r + 1}/{args.repeat}: pack {k + 1}/{len(packs)} ({len(pack)} runs, batch "
+                      f"{specs[0].batch_size}) done", file=sys.stderr, flush=True)
+    print(f"{exp.name}{' (quick)' if args.quick else ''}: {len(exp.runs)} runs × 2 × {args.repeat} on {len(data.x_train)} "
           f"train images; [gradient_noise] every_examples={on.every_examples} small_batch={on.small_batch} "
           f"batches={on.batches} (B_big={on.big_batch}) estimator={on.estimator}")
     print(f"{'batch':>6} {'off s':>8} {'on s':>8} {'overhead':>9} {'off CPU s':>10} {'on CPU s':>9} "
@@ -100,6 +105,9 @@ def main(argv=None) -> int:
     total_cpu = {side: sum(cpu[side].values()) for side in sides}
     print(f"total: off {total['off']:.1f}s, on {total['on']:.1f}s (CPU: off {total_cpu['off']:.1f}s, "
           f"on {total_cpu['on']:.1f}s)")
+    if args.repeat > 1:
+        each = ", ".join(f"{(r['on'] / r['off'] - 1) * 100:.1f}%" for r in rounds)
+        print(f"overhead (wall) of each of the {args.repeat} rounds: {each}")
     print(f"gradient noise overhead (CPU time): {(total_cpu['on'] / total_cpu['off'] - 1) * 100:.1f}%")
     print(f"gradient noise overhead: {(total['on'] / total['off'] - 1) * 100:.1f}%")
     return 0

@@ -45,7 +45,7 @@ def test_report_benchmark_prints_each_time_and_the_ratio(fixture_logs):
 @pytest.mark.slow
 def test_noise_overhead_benchmark_trains_both_sides(synthetic_npz):
     result = subprocess.run([sys.executable, "-m", "bench.noise_overhead", "--experiment", "smoke", "--quick",
-                             "--every-examples", "320", "--data", str(synthetic_npz)],
+                             "--every-examples", "320", "--data", str(synthetic_npz), "--repeat", "2"],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
@@ -54,6 +54,7 @@ def test_noise_overhead_benchmark_trains_both_sides(synthetic_npz):
     # The "on" side measured: at least at each of the 2 epoch ends of each of the 4 runs a row.
     assert all(int(row[-1]) >= 8 for row in rows.values())
     assert re.fullmatch(r"gradient noise overhead: -?\d+\.\d%", lines[-1])
+    assert re.fullmatch(r"overhead \(wall\) of each of the 2 rounds: -?\d+\.\d%, -?\d+\.\d%", lines[-3])
 
 
 @pytest.mark.slow
