@@ -57,6 +57,11 @@ def main(argv=None) -> int:
     on = dataclasses.replace(exp.gradient_noise, **changes)
     sides = {"off": dataclasses.replace(exp, gradient_noise=dataclasses.replace(on, enabled=False)),
              "on": dataclasses.replace(exp, gradient_noise=dataclasses.replace(on, enabled=True))}
+    from trainer.noise_checks import estimator_problem
+
+    if problem := estimator_problem(sides["on"]):
+        print(f"error: [gradient_noise] estimator: {problem}", file=sys.stderr)
+        return 2
     data = datasets.load(exp.dataset, validation=exp.validation, limit=exp.limit, path=exp.data_path)
     wall = {side: defaultdict(float) for side in sides}
     cpu = {side: defaultdict(float) for side in sides}

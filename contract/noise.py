@@ -38,19 +38,22 @@ and costs more. While B_simple drifts during training, the drift shows as extra 
 between measurements and widens the interval: it is an interval for the EMA's weighted
 average over its window, not for the value at the last step.
 
-The per-example estimator (`estimator = "per_example"`, the fused engine's default): in
-every training step the engine also returns mean |g_i|² over the batch's examples and
+The per-example estimator (`estimator = "per_example"`, the fused engine's default for
+runs without batch norm): in training steps the engine also returns mean |g_i|² over
+(up to 256 of) the batch's examples and
 |G_B|² of the step's own gradient (B_small = 1, B_big = the batch; for a dense layer
 z = aW + b example i's gradient is a_iᵀδ_i and δ_i, so |g_i|² = (|a_i|² + 1)·|δ_i|²,
 from tensors the step has anyway: Goodfellow 2015, "Efficient per-example gradient
 computations"). Each step gives one (|G|², tr Σ) pair by the same formula; a measurement
-is the mean of the pairs of the steps since the last one, so it rests on the
-every_examples examples trained on in between instead of the probe's k·B_small rows at
-one set of weights, and costs no extra forward or backward pass. With batch norm an
-example's gradient depends on the whole batch; g_i is then B·a_iᵀδ_i with δ_i the
-batch's own backward pass (its coupling through the batch mean and variance included):
-the terms whose mean is exactly the step's gradient. The schedule, the moving average
-and the interval below are the same for both.
+is the mean of the pairs of the steps since the last one, so it spreads over the
+every_examples examples trained on in between (the norms of a subset of them; the
+fused engine says which) instead of the probe's k·B_small rows at one set of weights,
+and costs no extra forward or backward pass. With batch norm an
+example's gradient depends on the whole batch, so such runs take the probe: the
+per-example terms of a batch-norm gradient (B·a_iᵀδ_i through the batch statistics) are
+anti-correlated and put |G|² at or below 0 (measured on the lab grid; the README says
+what else was tried). The schedule, the moving average and the interval below are the
+same for both.
 
 Written here because no maintained Keras/TensorFlow library measures it; the estimator
 is a few lines of arithmetic. Only numpy (the t quantile too: `t_quantile`): the gradients

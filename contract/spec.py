@@ -94,19 +94,28 @@ class RunSpec:
 RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunSpec))
 
 
+PER_EXAMPLE, PROBE = "per_example", "probe"
+ESTIMATORS = ("auto", PER_EXAMPLE, PROBE)  # [gradient_noise] estimator
+
+
 @dataclass(frozen=True)
 class NoiseSettings:
     """How the gradient noise scale is measured ([gradient_noise] in the experiment file);
     when and how: `contract.noise`."""
     enabled: bool = True
     every_examples: int = 7_500   # measure each time an epoch has seen another N examples, and at its end
-    # How (contract.noise): "per_example" from every training step's exact per-example
-    # gradient norms (the fused engine); "probe" from extra small batches at fixed
-    # weights (every engine); "auto": per_example where the engine can, else probe.
+    # How (contract.noise): "per_example" from exact per-example gradient norms in the
+    # training steps (the fused engine, models without batch norm); "probe" from extra
+    # small batches at fixed weights (every engine); "auto": per_example where it can.
     estimator: str = "auto"
     small_batch: int = 128        # the probe's B_small
     batches: int = 4              # the probe's k disjoint small batches; B_big = k·B_small
     beta: float = 0.95            # EMA weight over measurements
+
+    def __post_init__(self):
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"[gradient_noise] estimator {self.estimator!r} is not valid; valid values: "
+                             f"{', '.join(ESTIMATORS)}")
 
     @property
     def big_batch(self) -> int:
@@ -117,8 +126,6 @@ class NoiseSettings:
 
 
 NOISE_FIELDS = tuple(f.name for f in dataclasses.fields(NoiseSettings))
-PER_EXAMPLE, PROBE = "per_example", "probe"
-ESTIMATORS = ("auto", PER_EXAMPLE, PROBE)  # [gradient_noise] estimator
 
 
 def format_value(value: Any) -> str:

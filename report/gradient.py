@@ -144,8 +144,8 @@ def _method(settings: dict, measured: dict, manifests: dict) -> str:
     if "per_example" in by_way:
         texts.append(
             (f"For the {len(by_way['per_example'])} runs measured per example: in " if both else "In ")
-            + "every training step the trainer took the exact norm of each example's gradient and of the step's "
-            "batch gradient (on one step in 256 / B below a batch of 128), and estimated |G|² and tr(Σ) from "
+            + "training steps the trainer took the exact norm of each example's gradient and of the step's batch "
+            "gradient (on one step in ⌊256/B⌋ and on at most 256 of its examples), and estimated |G|² and tr(Σ) from "
             "E|G_B|² = |G|² + tr(Σ)/B at B = 1 and the batch size (McCandlish et al. 2018, App. A.1); "
             f"{_schedule(settings)} it averaged the estimates of the steps since the last measurement into one.")
     if "probe" in by_way:

@@ -30,7 +30,7 @@ from contract import files
 from contract.layout import (COMPARISON_MANIFEST_KEY, COMPLETE, DIVERGED, FAILED, INTERRUPTED, RUN_MANIFEST,
                              RUNNING, SPLITS, TEMPLATES, TRAIN, VALIDATION)
 from contract.noise import NoiseSchedule, check_examples, roughness
-from contract.spec import NoiseSettings
+from contract.spec import PER_EXAMPLE, NoiseSettings
 from tblab import infer
 from tblab.capture import StepCapture
 from tblab.experiment import WRITER, record_run
@@ -71,6 +71,9 @@ def _noise_settings(gradient_noise) -> NoiseSettings | None:
     if isinstance(gradient_noise, dict):
         gradient_noise = NoiseSettings(**gradient_noise)
     if isinstance(gradient_noise, NoiseSettings):
+        if gradient_noise.enabled and gradient_noise.estimator == PER_EXAMPLE:
+            raise ValueError('LabLogger measures gradient noise with the probe: give estimator "probe" or '
+                             '"auto", not "per_example" (the trainer\'s fused engine only)')
         return gradient_noise if gradient_noise.enabled else None
     if gradient_noise:
         raise TypeError(f"LabLogger(gradient_noise={gradient_noise!r}): give True, False, a dict of "
@@ -326,7 +329,8 @@ class LabLogger(keras.callbacks.Callback):
         return {"spec": self.spec.to_dict(), "dataset": dataset.get("name"), "validation": dataset.get("validation"),
                 "limit": None, "train_examples": dataset.get("train_examples"),
                 "validation_examples": dataset.get("validation_examples"),
-                "gradient_noise": (self.noise or NoiseSettings(enabled=False)).to_dict(), "engine": "keras"}
+                "gradient_noise": {k: v for k, v in (self.noise or NoiseSettings(enabled=False)).to_dict().items()
+                                   if k != "estimator"}, "engine": "keras"}  # the probe, as the trainer records it
 
     def _dataset(self) -> dict:
         """The data as measured (counts once an epoch, or a validation pass, is over), with the

@@ -479,7 +479,7 @@ def _gradient_steps(run_dir):
 @pytest.mark.parametrize("engine, estimator", [("fused", "auto"), ("fused", "probe"), ("keras", "auto")])
 def test_measurements_fall_on_the_steps_the_examples_give(engine, estimator, tmp_path, synthetic_npz):
     """1200 examples at batch 64 (19 steps an epoch), every 320 examples: due at steps 5,
-    10, 15 and 19 of each epoch. The fused engine cuts its chunks of 8 steps there; Keras,
+    10, 15 and 19 of each epoch. The fused engine measures inside its chunks of 8 steps; Keras,
     called back every 8 steps, measures at the first callback at or after each. The
     per-example estimator's measurements (the fused engine's runs without batch norm, by
     default) fall on the same steps, without a cosine."""

@@ -36,15 +36,15 @@ def dataset(x, y):
 
 
 def train_packed(specs, x, y, *, epochs=1, poison=None, pack=None):
-    """A PackedMLP (with a gradient probe of 4 × 32 and 32 rows; `pack` if given, loaded
+    """A PackedMLP (with a gradient probe of 4 × 32; `pack` if given, loaded
     with `specs`) trained over `epochs` shuffled epochs; per step and member the loss."""
     from trainer.packed import _batches
     from trainer.packed_model import PackedMLP
 
     if pack is None:
-        pack = PackedMLP(specs, input_shape=SHAPE, classes=CLASSES, probe=(4, 32, 32))
+        pack = PackedMLP(specs, input_shape=SHAPE, classes=CLASSES, probe=(4, 32))
     else:
-        pack.load(specs, (4, 32, 32))
+        pack.load(specs, (4, 32))
     if poison is not None:  # member `poison`'s first-layer weights become NaN
         units = pack.units[0]
         k = pack.kernels[0].numpy()
@@ -121,33 +121,61 @@ def test_validation_matches_keras_evaluate(trained, data, monkeypatch):
         assert accuracy[j] == pytest.approx(ref["accuracy"], abs=1e-6)
 
 
+def _copy_of(pack, specs, *, per_example=False):
+    """A new pack of `specs` with `pack`'s weights and a probe of 4 × 32."""
+    from trainer.packed_model import PackedMLP
+
+    copy = PackedMLP(specs, input_shape=SHAPE, classes=CLASSES, probe=(4, 32), per_example=per_example)
+    for variable, value in zip(copy.state, pack.state):
+        variable.assign(value)
+    return copy
+
+
+def _probe_after_a_still_step(pack, x, y, rows, batch):
+    """The probe inside a training step that changes no weight (learning rate 0): its
+    (|G_small|², |G_big|², cosine of the step's gradient with G_big), per member."""
+    pack.optimizer.learning_rate.assign(0.0)
+    out = pack.run_chunk(dataset(x, y), batch[None].astype(np.int32), np.array([len(batch)], np.int32), 1,
+                         probes={0: rows})
+    return out["probe_small"][0], out["probe_big"][0], out["probe_cosine"][0]
+
+
 def test_gradient_probe_matches_the_single_model_probe(trained, data):
+    """The probe inside the training program, against the Keras engine's probe on the same
+    weights; with per-example norms for the members without batch norm it takes the
+    batch-norm members' gradients only, with the same values."""
     from trainer.noise_probe import GradientProbe
 
     specs, pack, _, _, keras_runs = trained
     x, y = data
     ys = y[:128].reshape(4, 32)
-    rows, one = np.arange(128).reshape(4, 32), np.arange(200, 232)
-    out = pack.run_chunk(dataset(x, y), np.zeros((1, BATCH), np.int32), np.zeros(1, np.int32), 0, probe=(rows, one))
-    small, big, cosine = out["probe"]
+    rows, batch = np.arange(128).reshape(4, 32), np.arange(200, 232)
+    small, big, cosine = _probe_after_a_still_step(_copy_of(pack, specs), x, y, rows, batch)
     for j, (model, _, _) in enumerate(keras_runs):
-        ref = GradientProbe(model, specs[j].loss).measure(x[:128].reshape((4, 32) + SHAPE), ys,
-                                                          x[200:232], y[200:232])
+        ref = GradientProbe(model, specs[j].loss).measure(x[:128].reshape((4, 32) + SHAPE), ys, x[batch], y[batch])
         np.testing.assert_allclose([small[j], big[j], cosine[j]], ref, rtol=1e-4)
     assert not np.allclose(small, small[0])  # the members really differ
-    # With per-example norms for the members without batch norm, the probe takes only the
-    # batch-norm members' gradients, and gives them the same values.
-    from trainer.packed_model import PackedMLP
-
-    mixed = PackedMLP(specs, input_shape=SHAPE, classes=CLASSES, probe=(4, 32, 32), per_example=True)
-    for variable, trained_value in zip(mixed.state, pack.state):
-        variable.assign(trained_value)
-    out = mixed.run_chunk(dataset(x, y), np.zeros((1, BATCH), np.int32), np.zeros(1, np.int32), 0,
-                          probe=(rows, one))
+    mixed = _copy_of(pack, specs, per_example=True)
     normed = [j for j, spec in enumerate(specs) if spec.uses_batch_norm]
     assert mixed.probe_from == normed[0] == 2
-    for got, want in zip(out["probe"], (small, big, cosine)):
+    for got, want in zip(_probe_after_a_still_step(mixed, x, y, rows, batch), (small, big, cosine)):
         np.testing.assert_allclose(got[normed], want[normed], rtol=1e-5)
+
+
+def test_the_probe_inside_a_chunk_sees_the_weights_of_its_step(trained, data):
+    """A probe after step 2 of a 3-step chunk equals the probe of a pack that trained the
+    same 2 steps and then stood still."""
+    specs, pack, _, _, _ = trained
+    x, y = data
+    rows = np.arange(128).reshape(4, 32)
+    idx, counts = np.arange(3 * BATCH, dtype=np.int32).reshape(3, BATCH), np.full(3, BATCH, np.int32)
+    inside = _copy_of(pack, specs).run_chunk(dataset(x, y), idx, counts, 3, probes={1: rows})
+    assert np.isnan(inside["probe_small"][[0, 2]]).all()
+    second = _copy_of(pack, specs)
+    second.run_chunk(dataset(x, y), idx[:2], counts[:2], 2)
+    small, big, _ = _probe_after_a_still_step(second, x, y, rows, idx[2])
+    np.testing.assert_allclose(inside["probe_small"][1], small, rtol=1e-5)
+    np.testing.assert_allclose(inside["probe_big"][1], big, rtol=1e-5)
 
 
 def test_a_member_does_not_depend_on_its_pack_mates(data):

@@ -18,7 +18,7 @@ import numpy as np
 
 from contract import files
 from contract.layout import COMPARISON_MANIFEST_KEY, DIVERGED, FAILED, FINISHED, INTERRUPTED, RUN_MANIFEST, RUNNING
-from contract.spec import RunSpec
+from contract.spec import PER_EXAMPLE, RunSpec
 from trainer import events, faults
 from trainer.data import Dataset
 from trainer.spec import Experiment
@@ -49,14 +49,23 @@ def run_config(experiment: Experiment, spec: RunSpec, data: Dataset) -> dict:
         "spec": spec.to_dict(), "dataset": data.name, "validation": experiment.validation,
         "limit": experiment.limit, "train_examples": int(len(data.x_train)),
         "validation_examples": int(len(data.x_val)),
-        # The estimator as resolved for this run ("auto" → per_example or probe).
-        "gradient_noise": {**experiment.gradient_noise.to_dict(), "estimator": experiment.noise_estimator(spec)},
+        "gradient_noise": noise_config(experiment, spec),
         "engine": experiment.engine_of(spec),
     }
     # Only when not float32, so that runs trained before the key existed stay reusable.
     if precision_of(experiment) != "float32":
         config["precision"] = precision_of(experiment)
     return config
+
+
+def noise_config(experiment: Experiment, spec: RunSpec) -> dict:
+    """[gradient_noise] as it decides the run's numbers: the estimator as resolved, named
+    only where it is the per-example one, so that probe runs trained before the key
+    existed (whose measurements are the same) stay reusable."""
+    noise = {k: v for k, v in experiment.gradient_noise.to_dict().items() if k != "estimator"}
+    if experiment.gradient_noise.enabled and experiment.noise_estimator(spec) == PER_EXAMPLE:
+        noise["estimator"] = PER_EXAMPLE
+    return noise
 
 
 def precision_of(experiment: Experiment) -> str:

@@ -64,9 +64,9 @@ def build(experiment: Experiment, specs: list[RunSpec], data: Dataset) -> Packed
     per_example = PER_EXAMPLE in estimators
     probe = None
     if PROBE in estimators and s.big_batch <= len(data.x_train):
-        probe = (s.batches, s.small_batch, min(specs[0].batch_size, len(data.x_train)))
+        probe = (s.batches, s.small_batch)
     input_shape, classes = data.x_train.shape[1:], int(data.y_train.max()) + 1
-    key = structure_key(specs, input_shape, classes, per_example)
+    key = structure_key(specs, input_shape, classes, per_example, probe)
     with _FREE_LOCK:
         pack = next((p for p in _FREE if p.key == key), None)
         if pack is not None:
@@ -165,18 +165,13 @@ def train_pack(experiment: Experiment, specs: list[RunSpec], data: Dataset, run_
                 part_idx[:n] = idx[s:s + n]
                 part_counts = np.zeros(chunk, np.int32)
                 part_counts[:n] = counts[s:s + n]
-                # The measurements that fall in this chunk (contract.noise.NoiseSchedule):
-                # the probe's inside the training program, after exactly their steps; at an
-                # epoch's end, after the chunk (with the cosine's batch).
+                # The measurements that fall in this chunk (contract.noise.NoiseSchedule),
+                # inside the training program, after exactly their steps.
                 due = noise.due_in(steps_done, steps_done + n) if noise is not None else []
-                probes, probe = {}, None
-                for d in due if pack.probe_shape else []:
-                    plan = noise.plan(d, epoch_end=last and d == steps_done + n)
-                    if last and d == steps_done + n:
-                        probe = plan
-                    else:
-                        probes[d - steps_done - 1] = plan[0]
-                out = pack.run_chunk(data, part_idx, part_counts, n, probe=probe, validate=last, probes=probes)
+                rows = [d - steps_done - 1 for d in due]
+                probes = {i: noise.plan(d, epoch_end=last and d == steps_done + n)[0]
+                          for i, d in zip(rows, due)} if pack.probe_shape else {}
+                out = pack.run_chunk(data, part_idx, part_counts, n, validate=last, probes=probes, norms_at=rows)
                 losses = out["losses"][:n]
                 written = _record_divergence(losses, steps_done, state["diverged_at"])
                 first_step, steps_done = steps_done + 1, steps_done + n
@@ -185,7 +180,7 @@ def train_pack(experiment: Experiment, specs: list[RunSpec], data: Dataset, run_
                 right_sum += out["right_sum"]
                 alive = [d is None for d in state["diverged_at"]]
                 if noise is not None:
-                    _measure(noise, pack, out, part_counts[:n], first_step - 1, due, state["diverged_at"], writer)
+                    _measure(noise, pack, out, part_counts[:n], first_step - 1, due, last, state["diverged_at"], writer)
                 if not last or not any(alive):  # else written with the epoch's scalars below
                     writer.write(losses, first_step, written)
                     faults.point("step")
@@ -233,9 +228,10 @@ def train_pack(experiment: Experiment, specs: list[RunSpec], data: Dataset, run_
 
 
 def _measure(noise: NoiseSchedule, pack: PackedMLP, out: dict, counts: np.ndarray, step0: int, due: list[int],
-             diverged_at: list, writer: events.BatchedWriter) -> None:
+             epoch_end: bool, diverged_at: list, writer: events.BatchedWriter) -> None:
     """The chunk's per-example values into `noise`, split at its measurements `due`; each
-    measurement logged at its step for the members alive then."""
+    measurement logged at its step for the members alive then (the probe's cosine at an
+    epoch's end only, as the other engines take it)."""
     start = 0
     for d in due:
         end = d - step0
@@ -243,9 +239,10 @@ def _measure(noise: NoiseSchedule, pack: PackedMLP, out: dict, counts: np.ndarra
             noise.add_steps(out["example_sq"][start:end], out["batch_sq"][start:end], counts[start:end])
         start = end
         alive = [at is None or at > d for at in diverged_at]
-        probe = out.get("probe") if end == len(counts) and "probe" in out else None
-        if probe is None and pack.probe_shape is not None:
-            probe = (out["probe_small"][end - 1], out["probe_big"][end - 1], None)
+        probe = None
+        if pack.probe_shape is not None:
+            cosine = out["probe_cosine"][end - 1] if epoch_end and end == len(counts) else None
+            probe = (out["probe_small"][end - 1], out["probe_big"][end - 1], cosine)
         for j, values in enumerate(noise.measure(d, alive, probe)):
             writer.add(j, TRAIN, values, d)
     if pack.per_example:

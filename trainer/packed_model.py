@@ -99,7 +99,7 @@ class PackedMLP(PackNoise):
         # The probe's first member: with per-example norms for the members without batch
         # norm, it takes the gradients of the batch-norm members only.
         self.probe_from = sum(not s.uses_batch_norm for s in specs) if per_example else 0
-        self.key = structure_key(specs, input_shape, classes, per_example)
+        self.key = structure_key(specs, input_shape, classes, per_example, probe)
         first = specs[0]
         self.input_shape, self.classes = tuple(input_shape), classes
         self.members = len(specs)
@@ -124,7 +124,7 @@ class PackedMLP(PackNoise):
         # their signatures: one trace (≈0.3 s for training, ≈0.5 s for the probe) then
         # serves every pack this object trains (`load`), and XLA compiles each batch size
         # once.
-        self.train_chunk = self.probe_noise = self.probe_cosine = None
+        self.train_chunk = None
         self._pending: dict[str, Future] = {}  # see warm_up
 
     def validator(self, t: Tensors):
@@ -143,13 +143,13 @@ class PackedMLP(PackNoise):
         """Hold `members` as the runs this pack trains (their values are assigned by the
         caller): their specs and model summaries, and the probe's shape."""
         self.specs, self.summaries = members.specs, members.summaries
-        # (batches, small batch, one batch) of the gradient-noise probe, or None: no probe.
+        # (batches, small batch) of the gradient-noise probe, or None: no probe.
         self.probe_shape = probe
 
     def load(self, specs: list[RunSpec], probe: tuple[int, int, int] | None) -> None:
         """Start over as the pack of `specs` (same `structure_key`): their initial weights,
         the optimizer's starting state; the traced and compiled functions are kept."""
-        if structure_key(specs, self.input_shape, self.classes, self.per_example) != self.key:
+        if structure_key(specs, self.input_shape, self.classes, self.per_example, probe) != self.key:
             raise ValueError("a pack can only be loaded with runs of the same structure")
         members = read_members(specs, self.input_shape, self.classes)
         for variable, value in zip(self.state, members.values):
@@ -170,20 +170,8 @@ class PackedMLP(PackNoise):
             self._train_chunk, jit_compile=True, autograph=False,
             input_signature=[spec(t.x, 1), spec(t.y, 1), spec(t.x_sq, 1), tf.TensorSpec([None, None], tf.int32),
                              tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32),
-                             tf.TensorSpec([None, None, None], tf.int32), tf.TensorSpec([None], tf.int32)])
-        # The probe's small batches as one XLA program, ≈1.4× faster than without XLA
-        # (measured: 16.7 → 11.9 ms of CPU at 4 × 128, six members), which pays at
-        # dozens of measurements a run: compiled once per pack object (≈1.2 s, in the
-        # background thread; later packs reuse the object), as its shapes do not depend
-        # on the batch size. The cosine's one batch (epoch ends only, the run's batch
-        # size) is not compiled: XLA would compile it once per batch size.
-        self.probe_noise = tf.function(
-            self._probe_noise, jit_compile=True, autograph=False,
-            input_signature=[tf.TensorSpec([None, None, self.inputs], t.x.dtype),
-                             tf.TensorSpec([None, None], t.y.dtype)])
-        self.probe_cosine = tf.function(
-            self._probe_cosine, autograph=False,
-            input_signature=[[tf.TensorSpec(v.shape, v.dtype) for v in self.trainable], spec(t.x, 1), spec(t.y, 1)])
+                             tf.TensorSpec([None, None, None], tf.int32), tf.TensorSpec([None], tf.int32),
+                             tf.TensorSpec([None], tf.int32)])
 
     def warm_up(self, data: Dataset, steps_per_execution: int) -> None:
         """Trace and compile the functions with the shapes training will use, changing no
@@ -196,16 +184,9 @@ class PackedMLP(PackNoise):
         self._functions(t)
         _BACKGROUND.submit(events.warm_up, self.members)  # the writing thread waits for it if need be
         self._pending = {"validate": _BACKGROUND.submit(self._warm_up_validator, t)}
-        if self.probe_shape is not None:
-            self._pending["probe"] = _BACKGROUND.submit(self._warm_up_probe, t)
         batch = self.specs[0].batch_size
         self.run_chunk(data, np.zeros((steps_per_execution, batch), np.int32),
                        np.zeros(steps_per_execution, np.int32), 0)
-
-    def _warm_up_probe(self, t: Tensors) -> None:
-        k, small, one = self.probe_shape
-        _, _, big = self.probe_noise(tf.zeros((k, small, self.inputs), t.x.dtype), tf.zeros((k, small), t.y.dtype))
-        self.probe_cosine(big, t.x[:one], t.y[:one])
 
     def _warm_up_validator(self, t: Tensors) -> None:
         """Compile the validation pass for these shapes, once per process (on zero weights:
@@ -222,42 +203,33 @@ class PackedMLP(PackNoise):
             job.result()
 
     def run_chunk(self, data: Dataset, idx: np.ndarray, counts: np.ndarray, steps: int, *,
-                  probe: tuple[np.ndarray, np.ndarray] | None = None, validate: bool = False,
-                  probes: dict[int, np.ndarray] | None = None) -> dict:
+                  validate: bool = False, probes: dict[int, np.ndarray] | None = None,
+                  norms_at: list[int] = ()) -> dict:
         """`steps` training steps on the rows idx[i, :counts[i]] of the training set; after
-        step i (0-based) in `probes`, the probe on its small batches' rows [k, B_small]
-        ("probe_small", "probe_big" [len(idx), members], NaN elsewhere); then, if given,
-        the gradient probe on the rows `probe` = (small batches [k, B_small], one batch:
-        no rows, no cosine), and if `validate`, the validation pass. numpy arrays:
-        "losses" [len(idx), members] (the first `steps` rows real), "loss_sum" and
-        "right_sum" per member (loss × examples, right answers); "probe": see `_probe_noise`
-        (and the cosine, NaN without its batch);
-        "val_loss", "val_accuracy" per member."""
+        step i (0-based) in `probes`, the probe on its small batches' rows [k, B_small];
+        then, if `validate`, the validation pass. numpy arrays [len(idx), members]:
+        "losses" (the first `steps` rows real); with the probe "probe_small", "probe_big"
+        (`_probe_noise`) and "probe_cosine" (of step i's own gradient with the probe's big
+        batch), NaN at steps without it; with per-example norms "example_sq", "batch_sq"
+        (`_example_norms`), on one step in ⌊EXAMPLE_NORM_EVERY / batch⌋ and on the steps
+        `norms_at`, NaN elsewhere. Per member: "loss_sum" and "right_sum" (loss ×
+        examples, right answers), "val_loss", "val_accuracy"."""
         t = tensors(data)
         self._functions(t)
         if probes and self.probe_shape is None:
             raise ValueError("this pack was built without a gradient probe")
-        k, small = self.probe_shape[:2] if self.probe_shape is not None else (1, 1)
+        k, small = self.probe_shape if self.probe_shape is not None else (1, 1)
         probe_rows = np.zeros((len(idx), k, small), np.int32)  # one shape a chunk size: one XLA program
-        probe_after = np.zeros(len(idx), np.int32)
+        probe_after, norm_at = np.zeros(len(idx), np.int32), np.zeros(len(idx), np.int32)
         for i, rows in (probes or {}).items():
             probe_rows[i], probe_after[i] = rows, 1
+        norm_at[list(norms_at)] = 1
         out = self.train_chunk(t.x, t.y, t.x_sq, idx, counts, tf.constant(steps, tf.int32),
-                               probe_rows, probe_after)
+                               probe_rows, probe_after, norm_at)
         if validate:
             self._ready("validate")
             out["val_loss_sum"], out["val_right"] = self.validator(t)(self.state, t.x_val, t.y_val, t.w_val)
         out = {key: value.numpy() for key, value in out.items()}
-        if probe is not None:
-            if self.probe_shape is None:
-                raise ValueError("this pack was built without a gradient probe")
-            rows, one = probe
-            self._ready("probe")
-            small_sq, big_sq, big = self.probe_noise(tf.gather(t.x, rows), tf.gather(t.y, rows))
-            cosine = np.full(self.members, math.nan)
-            if one is not None and len(one):
-                cosine = self.probe_cosine(big, tf.gather(t.x, one), tf.gather(t.y, one)).numpy()
-            out["probe"] = (small_sq.numpy(), big_sq.numpy(), cosine)
         if validate:
             n_val = len(data.x_val)
             out["val_loss"], out["val_accuracy"] = out.pop("val_loss_sum") / n_val, out.pop("val_right") / n_val
@@ -332,15 +304,17 @@ class PackedMLP(PackNoise):
 
     # -- compiled functions -----------------------------------------------------------
 
-    def _train_chunk(self, x_all, y_all, x_sq, idx, counts, n_steps, probe_rows, probe_after):
+    def _train_chunk(self, x_all, y_all, x_sq, idx, counts, n_steps, probe_rows, probe_after, norm_at):
         """`n_steps` training steps on the rows idx[i, :counts[i]] (x_sq: each training
-        row's squared norm, for `_example_norms`); after step i where probe_after[i], the
-        probe's small batches probe_rows[i] ([k, B_small]) at the weights it left (one
-        program for a chunk: a separate call and a chunk cut at each measurement cost
-        ≈5 ms each, more than the probe's arithmetic)."""
+        row's squared norm, for `_example_norms`, taken where norm_at[i] and on one step
+        in ⌊EXAMPLE_NORM_EVERY / batch⌋); after step i where probe_after[i], the probe's
+        small batches probe_rows[i] ([k, B_small]) at the weights it left, and the cosine
+        of step i's gradient with their mean (one program for a chunk: a separate call
+        and a chunk cut at each measurement cost ≈5 ms each, more than the probe's
+        arithmetic)."""
         batch = tf.shape(idx)[1]
 
-        def step(i, losses, loss_sum, right_sum, small, big, probe_small, probe_big):
+        def step(i, losses, loss_sum, right_sum, small, big, probe_small, probe_big, probe_cosine):
             count = tf.cast(counts[i], tf.float32)
             weight = tf.cast(tf.range(batch) < counts[i], tf.float32)
             x, y = tf.gather(x_all, idx[i]), tf.gather(y_all, idx[i])
@@ -359,7 +333,8 @@ class PackedMLP(PackNoise):
                     return (tf.tensor_scatter_nd_update(small, [[i]], row[None]),
                             tf.tensor_scatter_nd_update(big, [[i]], self._squares(grads)[None]))
 
-                small, big = tf.cond(self.optimizer.iterations % every == 0, norms, lambda: (small, big))
+                due = tf.logical_or(self.optimizer.iterations % every == 0, norm_at[i] > 0)
+                small, big = tf.cond(due, norms, lambda: (small, big))
             else:
                 grads = tape.gradient(total, self.trainable)
             self.optimizer.apply(grads, self.trainable)
@@ -367,12 +342,15 @@ class PackedMLP(PackNoise):
             if self.probe_shape is not None:
                 def probe():
                     rows = probe_rows[i]
-                    small_sq, big_sq, _ = self._probe_noise(tf.gather(x_all, rows), tf.gather(y_all, rows))
-                    return (tf.tensor_scatter_nd_update(probe_small, [[i]], small_sq[None]),
-                            tf.tensor_scatter_nd_update(probe_big, [[i]], big_sq[None]))
+                    small_sq, big_sq, mean = self._probe_noise(tf.gather(x_all, rows), tf.gather(y_all, rows))
+                    cosine = self._dot(grads, mean) / tf.sqrt(self._dot(grads, grads) * big_sq)
+                    return tuple(tf.tensor_scatter_nd_update(t, [[i]], v[None])
+                                 for t, v in ((probe_small, small_sq), (probe_big, big_sq), (probe_cosine, cosine)))
 
-                probe_small, probe_big = tf.cond(probe_after[i] > 0, probe, lambda: (probe_small, probe_big))
-            return i + 1, losses, loss_sum + loss * count, right_sum + right, small, big, probe_small, probe_big
+                probe_small, probe_big, probe_cosine = tf.cond(
+                    probe_after[i] > 0, probe, lambda: (probe_small, probe_big, probe_cosine))
+            return (i + 1, losses, loss_sum + loss * count, right_sum + right, small, big,
+                    probe_small, probe_big, probe_cosine)
 
         zeros = tf.zeros([self.members])
 
@@ -380,15 +358,16 @@ class PackedMLP(PackNoise):
             return tf.fill([tf.shape(idx)[0] if used else 1, self.members], tf.constant(math.nan, tf.float64))
 
         every = tf.cast(tf.maximum(1, EXAMPLE_NORM_EVERY // batch), tf.int64)
-        _, losses, loss_sum, right_sum, small, big, probe_small, probe_big = tf.while_loop(
+        probed = self.probe_shape is not None
+        _, losses, loss_sum, right_sum, small, big, probe_small, probe_big, probe_cosine = tf.while_loop(
             lambda i, *_: i < n_steps, step,
             (tf.constant(0), tf.zeros([tf.shape(idx)[0], self.members]), zeros, zeros, unset(self.per_example),
-             unset(self.per_example), unset(self.probe_shape is not None), unset(self.probe_shape is not None)))
+             unset(self.per_example), unset(probed), unset(probed), unset(probed)))
         out = {"losses": losses, "loss_sum": loss_sum, "right_sum": right_sum}
         if self.per_example:
             out["example_sq"], out["batch_sq"] = small, big
         if self.probe_shape is not None:
-            out["probe_small"], out["probe_big"] = probe_small, probe_big
+            out["probe_small"], out["probe_big"], out["probe_cosine"] = probe_small, probe_big, probe_cosine
         return out
 
     def _validate(self, state, x_val, y_val, w_val):
@@ -415,14 +394,15 @@ _BACKGROUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-up")
 
 
 def structure_key(specs: list[RunSpec], input_shape: tuple[int, ...], classes: int,
-                  per_example: bool = False) -> tuple:
-    """Packs with equal keys have the same variables and compiled functions; they differ
-    only in initializers, batch size, epochs and seed."""
+                  per_example: bool = False, probe: tuple[int, int] | None = None) -> tuple:
+    """Packs with equal keys have the same variables and compiled functions (the per-example
+    norms and the probe's shape are compiled into the training program); they differ only
+    in initializers, batch size, epochs and seed."""
     d = specs[0].to_dict()
     for name in ("initializer", "batch_norm", "batch_size", "epochs", "seed"):
         del d[name]
     return (tuple(sorted((k, repr(v)) for k, v in d.items())), tuple(s.uses_batch_norm for s in specs),
-            tuple(input_shape), classes, per_example)
+            tuple(input_shape), classes, per_example, probe)
 
 
 # Packs whose training is over, kept for the next pack of the same structure: loading new
