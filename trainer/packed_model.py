@@ -175,9 +175,9 @@ class PackedMLP(PackNoise):
 
     def warm_up(self, data: Dataset, steps_per_execution: int) -> None:
         """Trace and compile the functions with the shapes training will use, changing no
-        state (zero steps; the probe only reads), so that this can run in a thread while
-        another pack trains. What training needs only after its first steps (the probe,
-        the validation pass, the event writer) is traced in the background thread, while
+        state (zero steps), so that this can run in a thread while another pack trains.
+        What training needs only after its first steps (the validation pass, the event
+        writer) is traced in the background thread, while
         XLA compiles the training program here (C++, without the GIL) and on into the
         pack's training; `run_chunk` waits for it where it is used."""
         t = tensors(data)

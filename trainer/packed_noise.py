@@ -101,7 +101,7 @@ class PackNoise:
 
     def _probe_noise(self, xs, ys):
         """As `trainer.noise_probe.GradientProbe.measure`, per member: mean |G_small|² over
-        the k batches xs[i] and |G_big|² of their mean; and that mean (for `_probe_cosine`)."""
+        the k batches xs[i] and |G_big|² of their mean; and that mean (for the cosine)."""
         k = tf.shape(xs)[0]
 
         def add(i, total, squares):
@@ -114,8 +114,3 @@ class PackNoise:
              tf.zeros([self.members], tf.float64)))
         big = [t / tf.cast(k, t.dtype) for t in total]
         return squares / tf.cast(k, tf.float64), self._dot(big, big), big
-
-    def _probe_cosine(self, big, x_one, y_one):
-        """Per member: cosine(G of the batch (x_one, y_one), G_big)."""
-        one = self._gradient(x_one, y_one)
-        return self._dot(one, big) / tf.sqrt(self._dot(one, one) * self._dot(big, big))
