@@ -363,6 +363,9 @@ def test_per_example_norms_match_a_gradient_per_example(data, monkeypatch):
     idx, counts = np.tile(np.arange(BATCH, dtype=np.int32), (9, 1)), np.full(9, BATCH, np.int32)
     out = pack.run_chunk(dataset(x, y), idx, counts, 9)
     assert np.flatnonzero(np.isfinite(out["example_sq"][:, 0])).tolist() == [0, 8]  # 256 / 32 = 8
+    # A measurement's step always gets its norms (else a short block would have none).
+    out = pack.run_chunk(dataset(x, y), idx, counts, 9, norms_at=[4])
+    assert np.flatnonzero(np.isfinite(out["example_sq"][:, 0])).tolist() == [4, 7]  # iterations 9…17
     # Norms on the batch's first 16 rows only: their mean |g_i|², and the whole batch's |G_B|².
     monkeypatch.setattr(packed_model, "EXAMPLE_NORM_ROWS", 16)
     pack = PackedMLP(specs, input_shape=SHAPE, classes=CLASSES, per_example=True)
