@@ -40,8 +40,8 @@ average over its window, not for the value at the last step.
 
 The per-example estimator (`estimator = "per_example"`, the fused engine's default for
 runs without batch norm): in training steps the engine also returns mean |g_i|² over
-(up to 256 of) the batch's examples and
-|G_B|² of the step's own gradient (B_small = 1, B_big = the batch; for a dense layer
+(up to 256 of) the batch's examples and |G_B|² of the step's own gradient (B_small = 1,
+B_big = the batch; for a dense layer
 z = aW + b example i's gradient is a_iᵀδ_i and δ_i, so |g_i|² = (|a_i|² + 1)·|δ_i|²,
 from tensors the step has anyway: Goodfellow 2015, "Efficient per-example gradient
 computations"). Each step gives one (|G|², tr Σ) pair by the same formula; a measurement
@@ -67,25 +67,13 @@ import math
 
 import numpy as np
 
-from contract.layout import (
-    NOISE_AT_BATCH,
-    NOISE_B_SIMPLE,
-    NOISE_COSINE,
-    NOISE_EPOCH_AT_BATCH,
-    NOISE_EPOCH_B_HIGH,
-    NOISE_EPOCH_B_LOW,
-    NOISE_EPOCH_B_SIMPLE,
-    NOISE_EPOCH_COSINE,
-    NOISE_G2,
-    NOISE_ROUGHNESS,
-    NOISE_TAGS,
-    NOISE_TRACE,
-    noise_tag,
-)
+from contract.layout import (NOISE_AT_BATCH, NOISE_B_SIMPLE, NOISE_COSINE, NOISE_EPOCH_AT_BATCH,
+                             NOISE_EPOCH_B_HIGH, NOISE_EPOCH_B_LOW, NOISE_EPOCH_B_SIMPLE, NOISE_EPOCH_COSINE,
+                             NOISE_G2, NOISE_ROUGHNESS, NOISE_TAGS, NOISE_TRACE, noise_tag)
+from contract.spec import PER_EXAMPLE, PROBE, NoiseSettings
 
 # Tags the per-example estimator does not write: it has no big batch to take a cosine with.
 _PROBE_ONLY = {NOISE_COSINE, NOISE_EPOCH_COSINE}
-from contract.spec import PER_EXAMPLE, PROBE, NoiseSettings
 
 # The small batches' own random stream, seeded by the run's seed: training's shuffles
 # are left alone, and both engines draw the same rows.
@@ -97,9 +85,10 @@ MIN_MEASUREMENTS = 3         # fewer: no interval
 SUMMARY_B_SIMPLE, SUMMARY_LOW, SUMMARY_HIGH = NOISE_B_SIMPLE, NOISE_B_SIMPLE + "_low", NOISE_B_SIMPLE + "_high"
 
 
-def two_batch_estimate(g_small_sq: float, g_big_sq: float, b_small: int, b_big: int) -> tuple[float, float]:
-    """(|G|², tr Σ) from E|G_B|² = |G|² + tr(Σ)/B at two batch sizes."""
-    if not 0 < b_small < b_big:
+def two_batch_estimate(g_small_sq, g_big_sq, b_small, b_big):
+    """(|G|², tr Σ) from E|G_B|² = |G|² + tr(Σ)/B at two batch sizes (numbers, or numpy
+    arrays elementwise)."""
+    if not (np.all(0 < np.asarray(b_small)) and np.all(np.asarray(b_small) < np.asarray(b_big))):
         raise ValueError(f"need 0 < b_small < b_big, got {b_small}, {b_big}")
     g2 = (b_big * g_big_sq - b_small * g_small_sq) / (b_big - b_small)
     trace = (g_small_sq - g_big_sq) / (1 / b_small - 1 / b_big)
@@ -242,8 +231,8 @@ class NoiseSchedule:
     `every_examples` examples (steps ⌈m·every_examples / batch⌉ of the epoch, m = 1, 2, …
     while m·every_examples is less than the epoch), and one at each epoch end; at most one
     per step. The fused engine measures at exactly these steps, inside its chunks of
-    steps (`due_in`); the compiled engine cuts its chunks there (`steps_to_due`); the Keras engine, asked once per execution of
-    `steps_per_execution` steps, measures at the first execution end at or after each
+    steps (`due_in`); the compiled engine cuts its chunks there (`steps_to_due`); the
+    Keras engine, asked once per execution of `steps_per_execution` steps, measures at the first execution end at or after each
     (several due within one execution give one measurement). Each member keeps its own
     moving average and measurements. Values come back as {full tag: value}, None where
     there is no value (the writers skip it).
@@ -324,10 +313,8 @@ class NoiseSchedule:
         small, big = np.asarray(small_sq, dtype=float), np.asarray(big_sq, dtype=float)
         b = np.asarray(counts, dtype=float)[:, None]
         ok = (b > 1) & np.isfinite(small) & np.isfinite(big)
-        b = np.where(ok, b, 2.0)
-        g2 = np.where(ok, (b * big - small) / (b - 1), 0.0)       # two_batch_estimate at (1, b)
-        trace = np.where(ok, (small - big) / (1 - 1 / b), 0.0)
-        self._block += np.stack([g2.sum(0), trace.sum(0), ok.sum(0)], axis=1)
+        g2, trace = two_batch_estimate(small, big, 1, np.where(ok, b, 2.0))
+        self._block += np.stack([np.where(ok, g2, 0.0).sum(0), np.where(ok, trace, 0.0).sum(0), ok.sum(0)], axis=1)
 
     def measure(self, step: int, alive: list[bool] | None = None, probe=None) -> list[dict]:
         """The measurement at `step`: for per-example members the mean of the steps added

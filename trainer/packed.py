@@ -20,17 +20,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from contract.layout import (
-    COMPLETE,
-    DIVERGED,
-    EPOCH_ACCURACY,
-    EPOCH_LOSS,
-    FAILED,
-    INTERRUPTED,
-    SPLITS,
-    TRAIN,
-    VALIDATION,
-)
+from contract.layout import COMPLETE, DIVERGED, EPOCH_ACCURACY, EPOCH_LOSS, FAILED, INTERRUPTED, SPLITS, TRAIN, VALIDATION
 from contract.noise import NoiseSchedule, roughness
 from contract.spec import PER_EXAMPLE, PROBE, RunSpec
 from trainer import events, faults, interrupt

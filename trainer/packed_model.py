@@ -38,10 +38,11 @@ from trainer.packed_noise import PackNoise, member_sums
 # keras.layers.BatchNormalization's defaults, which build_model uses.
 BN_EPSILON, BN_MOMENTUM = 1e-3, 0.99
 # The per-example estimator takes its norms on one training step in every
-# ⌊EXAMPLE_NORM_EVERY / batch⌋, and on at most EXAMPLE_NORM_ROWS rows of it (mean |g_i|² over a random subset is still unbiased; |G_B|²
+# ⌊EXAMPLE_NORM_EVERY / batch⌋ (and on each measurement's step), and on at most
+# EXAMPLE_NORM_ROWS rows of it (mean |g_i|² over a random subset is still unbiased; |G_B|²
 # is the whole batch's): measured at batch 64, norms on every row of every step cost ≈35%
 # of a step, while a run's B_simple hardly depends on how many rows give it (a measurement
-# averages the ≈7,500 examples since the last one).
+# averages its steps since the last one).
 EXAMPLE_NORM_EVERY = EXAMPLE_NORM_ROWS = 256
 
 
@@ -325,7 +326,7 @@ class PackedMLP(PackNoise):
                 total = tf.reduce_sum(loss)
             if self.per_example:
                 # One backward pass for the weights and the taps' outputs (the δ_i); the
-                # norms on every `every`-th step of training only (NaN on the others).
+                # norms on every `every`-th step and where norm_at (NaN on the others).
                 grads, deltas = tape.gradient(total, (self.trainable, [t[2] for t in taps]))
 
                 def norms():

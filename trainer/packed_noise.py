@@ -1,8 +1,8 @@
 """The gradient-noise arithmetic of the fused engine's pack (`trainer.packed_model`):
 per-member dot products of gradients, per-example gradient norms from one training
 step's tensors (contract.noise's per-example estimator, for members without batch
-norm), and the probe's gradients at fixed weights (its other estimator). A mixin: it reads the pack's members, units,
-trainable variables and forward pass."""
+norm), and the probe's gradients at fixed weights (its other estimator). A mixin: it
+reads the pack's members, units, trainable variables and forward pass."""
 from __future__ import annotations
 
 import math
