@@ -217,6 +217,45 @@ def test_build_reuses_a_released_pack_of_the_same_structure(data, monkeypatch):
     assert packed.build(lab, [s for s in lab.runs if s.batch_size == 256 and s.seed == 0][:2], ds) is not first  # 2 members
 
 
+def test_build_prefers_a_released_pack_that_compiled_the_batch_size(data, monkeypatch):
+    """Of two released packs of one structure, a pack of batch size B loads into the one
+    whose training program XLA compiled for B, so no second copy of it is compiled."""
+    import trainer.packed as packed
+
+    monkeypatch.setattr(packed, "_FREE", [])
+    x, y = data
+    lab, ds = load_experiment("lab"), dataset(x, y)
+    runs = {(b, seed): [s for s in lab.runs if s.batch_size == b and s.seed == seed] for b in (64, 128) for seed in (0, 1)}
+    at_64 = packed.prepare(lab, runs[64, 0], ds)
+    at_128 = packed.prepare(lab, runs[128, 0], ds)
+    assert at_64.batch_sizes == {64} and at_128.batch_sizes == {128} and at_64 is not at_128
+    packed.release(at_64)  # released first: first in line, were it not for the batch size
+    packed.release(at_128)
+    assert packed.build(lab, runs[128, 1], ds) is at_128
+    assert packed.build(lab, runs[64, 1], ds) is at_64
+
+
+def test_the_next_pack_is_prepared_ahead_only_when_it_needs_another_program(data, monkeypatch):
+    """`_run_here` compiles the next pack in a thread while one trains only across
+    programs (batch size, structure): the lab grid's 15 packs (5 batch sizes × 3 seeds)
+    are prepared ahead at the first seed of each batch size, the rest load into the pack
+    just released."""
+    from trainer import executors
+
+    x, y = data
+    lab, ds = load_experiment("lab"), dataset(x, y)
+    monkeypatch.setattr(executors, "_dataset", lambda experiment, allow_download: ds)
+    prepared, trained = [], []
+    monkeypatch.setattr(executors, "prepare_task", lambda task: prepared.append(task.indices) or task.indices)
+    monkeypatch.setattr(executors, "train_one", lambda task, ahead, out: trained.append(ahead) or [])
+    tasks = [executors.Task(lab, tuple(p), "unused") for p in lab.packs(list(range(len(lab.runs))))]
+    list(executors._run_here(tasks, None))
+    sizes = [lab.runs[t.indices[0]].batch_size for t in tasks]
+    firsts = [k for k in range(len(tasks)) if k == 0 or sizes[k] != sizes[k - 1]]
+    assert len(firsts) == 5 and prepared == [tasks[k].indices for k in firsts]
+    assert trained == [tasks[k].indices if k in firsts else None for k in range(len(tasks))]
+
+
 def test_divergence_is_recorded_per_member_at_its_first_non_finite_step():
     from trainer.packed import _record_divergence
 

@@ -176,10 +176,26 @@ def prepare_task(task: Task) -> "PackedMLP | None":
         return None
 
 
+def _program(task: Task) -> tuple | None:
+    """The compiled program `task`'s pack trains with (`trainer.packed.program_of`); None
+    for a Keras run."""
+    experiment = task.experiment
+    specs = [experiment.runs[i] for i in task.indices]
+    if experiment.engine_of(specs[0]) != "fused":
+        return None
+    from trainer.packed import program_of
+
+    return program_of(experiment, specs, _dataset(experiment, task.allow_download))
+
+
 def _run_here(tasks: list[Task], out: TextIO | None) -> Iterator[dict]:
-    """Tasks in this process, one after another, each next pack prepared in a thread while
-    the current one trains: TensorFlow releases the GIL while it computes, and tracing and
-    XLA compilation (1–3 s a pack) mostly use one core, so they overlap with training."""
+    """Tasks in this process, one after another. A pack that needs another compiled program
+    than the one training (a new batch size or structure) is prepared in a thread
+    meanwhile: TensorFlow releases the GIL while it computes, and tracing and XLA
+    compilation (1–3 s a pack) mostly use one core, so they overlap with training. A pack
+    with the same program is not: it loads into the pack object just released, whose
+    program is compiled already, instead of compiling it again in a second one (measured
+    on the lab grid: 5 compilations instead of 10)."""
     from concurrent.futures import ThreadPoolExecutor
 
     if not tasks:
@@ -188,12 +204,23 @@ def _run_here(tasks: list[Task], out: TextIO | None) -> Iterator[dict]:
     try:
         upcoming = pool.submit(prepare_task, tasks[0])
         for k, task in enumerate(tasks):
-            prepared = upcoming.result()
-            if k + 1 < len(tasks):
+            prepared = upcoming.result() if upcoming is not None else None
+            upcoming = None
+            if k + 1 < len(tasks) and _ahead(task, tasks[k + 1]):
                 upcoming = pool.submit(prepare_task, tasks[k + 1])
             yield from train_one(task, prepared, out)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _ahead(task: Task, upcoming: Task) -> bool:
+    """Whether to prepare `upcoming` while `task` trains: unless both train with the same
+    compiled program (or a failure to tell, which training then reports)."""
+    try:
+        program = _program(upcoming)
+        return program is not None and program != _program(task)
+    except Exception:  # noqa: BLE001 - an optimization only
+        return False
 
 
 def run_local(tasks: list[Task], *, workers: int, threads: int | None,

@@ -44,11 +44,8 @@ def release(pack: PackedMLP) -> None:
         del _FREE[:-KEEP_FREE]
 
 
-def build(experiment: Experiment, specs: list[RunSpec], data: Dataset) -> PackedMLP:
-    """The pack of `specs` (batch-norm members last), with the gradient probe if the
-    experiment measures gradient noise and the data has enough examples for it; a
-    released pack of the same structure if there is one."""
-    specs = sorted(specs, key=lambda s: s.uses_batch_norm)
+def _structure(experiment: Experiment, specs: list[RunSpec], data: Dataset) -> tuple[tuple, tuple | None, bool]:
+    """`specs` (batch-norm members last) → (structure key, probe shape or None, per-example norms)."""
     s = experiment.gradient_noise
     estimators = [experiment.noise_estimator(spec) for spec in specs] if s.enabled else []
     per_example = PER_EXAMPLE in estimators
@@ -56,12 +53,31 @@ def build(experiment: Experiment, specs: list[RunSpec], data: Dataset) -> Packed
     if PROBE in estimators and s.big_batch <= len(data.x_train):
         probe = (s.batches, s.small_batch)
     input_shape, classes = data.x_train.shape[1:], int(data.y_train.max()) + 1
-    key = structure_key(specs, input_shape, classes, per_example, probe)
+    return structure_key(specs, input_shape, classes, per_example, probe), probe, per_example
+
+
+def program_of(experiment: Experiment, specs: list[RunSpec], data: Dataset) -> tuple:
+    """Packs with equal values train with the same compiled XLA program (structure and
+    batch size): the next such pack loads into the same pack object, so it is not worth
+    preparing in a second one (that would compile the program again)."""
+    specs = sorted(specs, key=lambda s: s.uses_batch_norm)
+    return _structure(experiment, specs, data)[0], specs[0].batch_size
+
+
+def build(experiment: Experiment, specs: list[RunSpec], data: Dataset) -> PackedMLP:
+    """The pack of `specs` (batch-norm members last), with the gradient probe if the
+    experiment measures gradient noise and the data has enough examples for it; a
+    released pack of the same structure if there is one, preferably one that has compiled
+    the batch size already."""
+    specs = sorted(specs, key=lambda s: s.uses_batch_norm)
+    key, probe, per_example = _structure(experiment, specs, data)
     with _FREE_LOCK:
-        pack = next((p for p in _FREE if p.key == key), None)
+        same = [p for p in _FREE if p.key == key]
+        pack = next((p for p in same if specs[0].batch_size in p.batch_sizes), same[0] if same else None)
         if pack is not None:
             _FREE.remove(pack)
     if pack is None:
+        input_shape, classes = data.x_train.shape[1:], int(data.y_train.max()) + 1
         return PackedMLP(specs, input_shape=input_shape, classes=classes, probe=probe, per_example=per_example)
     pack.load(specs, probe)
     return pack

@@ -126,6 +126,7 @@ class PackedMLP(PackNoise):
         # serves every pack this object trains (`load`), and XLA compiles each batch size
         # once.
         self.train_chunk = None
+        self.batch_sizes: set[int] = set()  # those `train_chunk` has run with (so XLA compiled)
         self._pending: dict[str, Future] = {}  # see warm_up
 
     def validator(self, t: Tensors):
@@ -227,6 +228,7 @@ class PackedMLP(PackNoise):
         norm_at[list(norms_at)] = 1
         out = self.train_chunk(t.x, t.y, t.x_sq, idx, counts, tf.constant(steps, tf.int32),
                                probe_rows, probe_after, norm_at)
+        self.batch_sizes.add(idx.shape[1])
         if validate:
             self._ready("validate")
             out["val_loss_sum"], out["val_right"] = self.validator(t)(self.state, t.x_val, t.y_val, t.w_val)
