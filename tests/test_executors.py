@@ -141,3 +141,77 @@ def test_ray_cluster_runs_the_grid_and_retries_a_killed_worker(tmp_path, synthet
     assert f"{victim[1]}: taking over from a dead trainer (pid {victim[0]}" in output
     _, reference_dir, _ = smoke
     assert layout(tmp_path / "smoke") == layout(reference_dir)
+
+
+def test_runs_with_a_session_of_their_own_share_the_cores_and_the_rest_train_alone(monkeypatch):
+    """`_run_here` on 2 cores: one-thread runs start side by side, a run that wants both
+    cores starts on the one left free (with one thread), and a run in the process's pools
+    (None: a fused pack, XLA) waits for every shared run and has the machine to itself."""
+    import threading
+
+    from trainer import executors
+
+    wants = {"a": 1, "b": 1, "c": 2, "alone": None, "d": 1}
+    monkeypatch.setattr(executors.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(executors, "_own_threads", lambda task: wants[task.exp_dir])
+    monkeypatch.setattr(executors, "prepare_task", lambda task: None)
+    monkeypatch.setattr(executors, "_ahead", lambda task, upcoming: False)
+    spans, lock = {}, threading.Lock()
+
+    def train_one(task, prepared=None, out=None, max_threads=None):
+        start = time.perf_counter()
+        time.sleep({"a": 0.6, "b": 0.2}.get(task.exp_dir, 0.3))
+        with lock:
+            spans[task.exp_dir] = (start, time.perf_counter(), max_threads)
+        return [{"name": task.exp_dir}]
+
+    monkeypatch.setattr(executors, "train_one", train_one)
+    tasks = [executors.Task(None, (0,), name) for name in wants]
+    done = [r["name"] for r in executors._run_here(tasks, None)]
+    assert sorted(done) == sorted(wants)
+    assert {k: v[2] for k, v in spans.items()} == {"a": 1, "b": 1, "c": 1, "alone": None, "d": 1}
+    assert spans["b"][0] < spans["a"][1] and spans["c"][0] < spans["a"][1]  # side by side
+    assert spans["c"][0] >= spans["b"][1]  # on the core b left
+    others = [v for k, v in spans.items() if k != "alone"]
+    assert all(end <= spans["alone"][0] or start >= spans["alone"][1] for start, end, _ in others)
+    assert spans["d"][0] >= spans["alone"][1]  # in order: after the run that trained alone
+
+
+def test_runs_trained_side_by_side_equal_the_same_runs_trained_one_by_one(tmp_path, synthetic_npz):
+    """Two CNN runs of one-thread sessions, trained by the grid in threads that share the
+    cores (`_run_here`; the order of their starts and ends is the test above), log the
+    same step losses and final results as each trained by itself."""
+    import textwrap
+
+    import numpy as np
+    from tbparse import SummaryReader
+
+    from trainer.cli import main
+    from trainer.compiled import train_run
+    from trainer.data import load
+    from trainer.spec import load_experiment
+
+    path = tmp_path / "pair.toml"
+    path.write_text(textwrap.dedent("""
+        [data]
+        validation = 0.1
+        limit = 600
+        [run]
+        architecture = "cnn"
+        hidden = [16]
+        epochs = 1
+        [grid]
+        batch_size = [8, 16]
+    """))
+    assert main(["--experiment", str(path), "--data", str(synthetic_npz), "--logdir", str(tmp_path / "grid")]) == 0
+    experiment = load_experiment(str(path), data_path=str(synthetic_npz))
+    data = load(experiment.dataset, validation=experiment.validation, limit=experiment.limit, path=str(synthetic_npz))
+    for spec in experiment.runs:
+        name = experiment.run_name(spec)
+        together = json.loads((tmp_path / "grid" / "pair" / name / "run.json").read_text())
+        assert together["compiled"]["threads"] == 1
+        alone = train_run(experiment, spec, data, tmp_path / "alone" / name, max_threads=1)
+        assert alone["final"] == together["final"]
+        losses = [SummaryReader(str(root / name / "train")).tensors.query("tag == 'step_loss'")["value"].to_numpy()
+                  for root in (tmp_path / "grid" / "pair", tmp_path / "alone")]
+        np.testing.assert_array_equal(*losses)

@@ -61,9 +61,10 @@ def epoch_batches(n: int, batch: int, seed: int, epoch: int) -> list[np.ndarray]
     return [rows[:count] for rows, count in zip(idx, counts)]
 
 
-def train_run(experiment, spec: RunSpec, data: Dataset, run_dir: Path, *, precision: str | None = None) -> dict:
+def train_run(experiment, spec: RunSpec, data: Dataset, run_dir: Path, *, precision: str | None = None,
+              max_threads: int | None = None) -> dict:
     """Train `spec` from scratch into `run_dir` and return its final manifest. A
-    KeyboardInterrupt marks the run interrupted and propagates."""
+    KeyboardInterrupt marks the run interrupted and propagates. `max_threads`: see `build`."""
     precision = precision or getattr(experiment, "precision", "float32")
     manifest = begin_run(experiment, spec, data, run_dir)
     writers = {s: tf.summary.create_file_writer(str(run_dir / s)) for s in SPLITS}
@@ -94,7 +95,7 @@ def train_run(experiment, spec: RunSpec, data: Dataset, run_dir: Path, *, precis
             noise_summary=noise.summary() if noise is not None else None, diverged_at=state["diverged_at"])
 
     try:
-        program, model = build(spec, data, precision)
+        program, model = build(spec, data, precision, max_threads)
         state["seconds"]["build"] = time.perf_counter() - start
         manifest["model"] = summarize(model)
         manifest["precision"] = precision

@@ -69,7 +69,7 @@ class Program:
         if not (isinstance(last, keras.layers.Dense) and last.activation is keras.activations.softmax):
             raise ValueError("the compiled engine needs a model that ends in Dense(softmax)")
         self.optimizer = make_optimizer(spec)
-        self.update = _update_kind(self.optimizer)
+        self.update = update_kind(self.optimizer)
         self.xla = uses_xla(model, precision)
         self.threads = threads if self.update != "keras" and not self.xla else None
         # Largest activation per example: sets the validation pass's rows per step.
@@ -426,7 +426,7 @@ class Program:
 _COMMUTES_WITH_MAX = (keras.activations.relu, keras.activations.linear)
 
 
-def _update_kind(opt) -> str:
+def update_kind(opt) -> str:
     """"adam" or "sgd" for a plain Keras Adam or momentum-free SGD (no amsgrad, nesterov,
     clipping, weight decay, EMA, loss scaling or accumulation), whose update `Program`
     writes out; else "keras" (its own `apply`)."""

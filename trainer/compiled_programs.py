@@ -13,9 +13,9 @@ import numpy as np
 import tensorflow as tf
 
 from contract.spec import RunSpec
-from trainer.compiled_model import Program, has_conv
+from trainer.compiled_model import Program, update_kind, has_conv, uses_xla
 from trainer.data import Dataset
-from trainer.models import build_model
+from trainer.models import build_model, make_optimizer
 
 # Training steps under this many FLOPs (3 × forward × batch) run on one thread.
 SMALL_STEP_FLOPS = 2e8
@@ -92,6 +92,7 @@ class Tensors:
 _TENSORS: dict[tuple, Tensors] = {}
 _PROGRAMS: dict[tuple, Program] = {}  # one free program per structure
 _LOCK = threading.Lock()
+_BUILD_LOCK = threading.Lock()
 
 
 def tensors(data: Dataset, one_hot: bool, rows: int) -> Tensors:
@@ -106,13 +107,18 @@ def tensors(data: Dataset, one_hot: bool, rows: int) -> Tensors:
         return entry
 
 
-def build(spec: RunSpec, data: Dataset, precision: str = "float32") -> tuple[Program, keras.Model]:
+def build(spec: RunSpec, data: Dataset, precision: str = "float32",
+          max_threads: int | None = None) -> tuple[Program, keras.Model]:
     """The program for `spec` with its initial weights (a released one of the same
-    structure, loaded, if there is one) and the Keras model they came from."""
+    structure, loaded, if there is one) and the Keras model they came from. `max_threads`:
+    at most that many threads in a session of its own (the run shares the machine)."""
     input_shape, classes = data.x_train.shape[1:], int(data.y_train.max()) + 1
-    keras.utils.set_random_seed(spec.seed)
-    model = build_model(spec, input_shape=input_shape, classes=classes)
+    with _BUILD_LOCK:  # the seed is global: runs built in two threads would draw each other's weights
+        keras.utils.set_random_seed(spec.seed)
+        model = build_model(spec, input_shape=input_shape, classes=classes)
     threads = session_threads(model, spec.batch_size)
+    if threads is not None and max_threads is not None:
+        threads = max(1, min(threads, max_threads))
     key = structure_key(spec, input_shape, classes, precision, threads)
     with _LOCK:
         program = _PROGRAMS.pop(key, None)
@@ -120,6 +126,17 @@ def build(spec: RunSpec, data: Dataset, precision: str = "float32") -> tuple[Pro
         return Program(model, spec, precision=precision, key=key, threads=threads), model
     program.load(model)
     return program, model
+
+
+def own_threads(spec: RunSpec, data: Dataset, precision: str = "float32") -> int | None:
+    """The threads of the session of its own that `spec`'s program trains in (it can then
+    share the machine with other such runs), or None: in the process's thread pools (XLA,
+    or Keras' own optimizer `apply`), which it should have to itself."""
+    with _BUILD_LOCK:
+        model = build_model(spec, input_shape=data.x_train.shape[1:], classes=int(data.y_train.max()) + 1)
+    if uses_xla(model, precision) or update_kind(make_optimizer(spec)) == "keras":
+        return None
+    return session_threads(model, spec.batch_size)
 
 
 def release(program: Program) -> None:

@@ -89,10 +89,12 @@ def _dataset(experiment: Experiment, allow_download: bool) -> "Dataset":
     return _data_cache[key]
 
 
-def train_one(task: Task, prepared: "PackedMLP | None" = None, out: TextIO | None = None) -> list[dict]:
+def train_one(task: Task, prepared: "PackedMLP | None" = None, out: TextIO | None = None,
+              max_threads: int | None = None) -> list[dict]:
     """Train a task's runs under their locks; a summary per run (`status` "busy" or
     "skipped" when another trainer holds or finished it). `prepared`: see `prepare_task`.
-    Progress lines go to `out` (the grid's stream; a worker process's own stdout)."""
+    Progress lines go to `out` (the grid's stream; a worker process's own stdout).
+    `max_threads`: a compiled-engine run's thread cap (`_run_here`)."""
     from trainer.lock import RunLock, describe_owner, try_lock
     from trainer.manifest import is_reusable, run_config
 
@@ -128,7 +130,8 @@ def train_one(task: Task, prepared: "PackedMLP | None" = None, out: TextIO | Non
             todo.append(result)
         if todo:
             manifests = train_runs(experiment, [experiment.runs[r["index"]] for r in todo], data,
-                                   [exp_dir / r["name"] for r in todo], task.verbose, prepared=prepared)
+                                   [exp_dir / r["name"] for r in todo], task.verbose, prepared=prepared,
+                                   max_threads=max_threads)
             keys = ("status", "wall_seconds", "final", "error", "disk_error")
             results += [{**r, **{k: m.get(k) for k in keys}} for r, m in zip(todo, manifests)]
     finally:
@@ -138,7 +141,7 @@ def train_one(task: Task, prepared: "PackedMLP | None" = None, out: TextIO | Non
 
 
 def train_runs(experiment: Experiment, specs: list[RunSpec], data: "Dataset", run_dirs: list[Path],
-               verbose: int = 0, prepared: "PackedMLP | None" = None) -> list[dict]:
+               verbose: int = 0, prepared: "PackedMLP | None" = None, max_threads: int | None = None) -> list[dict]:
     """Final manifests of `specs` trained into `run_dirs`: a pack on the fused engine, or
     one run on the compiled engine (trainer.compiled) or with `model.fit`."""
     try:
@@ -151,7 +154,7 @@ def train_runs(experiment: Experiment, specs: list[RunSpec], data: "Dataset", ru
         if engine == "compiled":
             from trainer.compiled import train_run as train_compiled
 
-            return [train_compiled(experiment, spec, data, run_dir)]
+            return [train_compiled(experiment, spec, data, run_dir, max_threads=max_threads)]
         from trainer.fit import train_run
 
         return [train_run(experiment, spec, data, run_dir, verbose=verbose)]
@@ -188,29 +191,82 @@ def _program(task: Task) -> tuple | None:
     return program_of(experiment, specs, _dataset(experiment, task.allow_download))
 
 
+def _own_threads(task: Task) -> int | None:
+    """The threads of the session of its own that `task`'s run trains in
+    (`trainer.compiled_programs.own_threads`), or None: it trains alone, in the process's
+    thread pools (a fused pack, XLA, `model.fit`)."""
+    experiment = task.experiment
+    spec = experiment.runs[task.indices[0]]
+    if len(task.indices) != 1 or experiment.engine_of(spec) != "compiled":
+        return None
+    from trainer.compiled_programs import own_threads
+
+    return own_threads(spec, _dataset(experiment, task.allow_download), experiment.precision)
+
+
 def _run_here(tasks: list[Task], out: TextIO | None) -> Iterator[dict]:
-    """Tasks in this process, one after another. A pack that needs another compiled program
-    than the one training (a new batch size or structure) is prepared in a thread
-    meanwhile: TensorFlow releases the GIL while it computes, and tracing and XLA
-    compilation (1–3 s a pack) mostly use one core, so they overlap with training. A pack
-    with the same program is not: it loads into the pack object just released, whose
-    program is compiled already, instead of compiling it again in a second one (measured
-    on the lab grid: 5 compilations instead of 10)."""
-    from concurrent.futures import ThreadPoolExecutor
+    """Tasks in this process, in order, their results as they finish.
+
+    Runs that train in a session of their own (a CNN on the compiled engine: one thread at
+    small batches, all cores at large ones, `trainer.compiled_programs`) share the cores:
+    each starts, in a thread of its own, as soon as a core is free, with at most the free
+    cores' threads (document 000's grid, batch 8, 32 and 128 on 2 cores: 8 and 32 side
+    by side, then 128 on the core 32 leaves, with one thread). Every other task has the machine to
+    itself. Of those, a pack that needs another compiled program than the one training (a
+    new batch size or structure) is prepared in a thread meanwhile: TensorFlow releases
+    the GIL while it computes, and tracing and XLA compilation (1–3 s a pack) mostly use
+    one core, so they overlap with training. A pack with the same program is not: it
+    loads into the pack object just released, whose program is compiled already, instead
+    of compiling it again in a second one (measured on the lab grid: 5 compilations
+    instead of 10)."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     if not tasks:
         return
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+    cores = os.cpu_count() or 1
+    preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+    sharing = ThreadPoolExecutor(max_workers=cores, thread_name_prefix="train")
+    running: dict = {}  # future → the cores its run holds
+
+    def until_free(n: int) -> Iterator[dict]:  # the results of shared runs, until n cores are free
+        while running and cores - sum(running.values()) < n:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                del running[future]
+                yield from future.result()
+
     try:
-        upcoming = pool.submit(prepare_task, tasks[0])
+        upcoming = None  # (index, future) of the pack prepared ahead
         for k, task in enumerate(tasks):
-            prepared = upcoming.result() if upcoming is not None else None
+            threads = _shareable(task)
+            if threads is not None:
+                yield from until_free(1)
+                threads = min(threads, cores - sum(running.values()))
+                running[sharing.submit(train_one, task, None, out, threads)] = threads
+                continue
+            yield from until_free(cores)
+            if upcoming is not None and upcoming[0] == k:
+                prepared = upcoming[1].result()
+            else:
+                prepared = prepare_task(task) if k == 0 else None
             upcoming = None
             if k + 1 < len(tasks) and _ahead(task, tasks[k + 1]):
-                upcoming = pool.submit(prepare_task, tasks[k + 1])
+                upcoming = k + 1, preparing.submit(prepare_task, tasks[k + 1])
             yield from train_one(task, prepared, out)
+        yield from until_free(cores)
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        # An error or Ctrl-C here: the shared runs still training stop at their next
+        # `interrupt.check()` (a signal) or finish; either way their manifests are written.
+        sharing.shutdown(wait=True, cancel_futures=True)
+        preparing.shutdown(wait=False, cancel_futures=True)
+
+
+def _shareable(task: Task) -> int | None:
+    """`_own_threads(task)`, None if telling fails (training it alone then reports the error)."""
+    try:
+        return _own_threads(task)
+    except Exception:  # noqa: BLE001 - an optimization only
+        return None
 
 
 def _ahead(task: Task, upcoming: Task) -> bool:
