@@ -144,43 +144,62 @@ def test_ray_cluster_runs_the_grid_and_retries_a_killed_worker(tmp_path, synthet
 
 
 def test_runs_with_a_session_of_their_own_share_the_cores_and_the_rest_train_alone(monkeypatch):
-    """`_run_here` on 2 cores: one-thread runs start side by side, a run that wants both
-    cores starts on the one left free (with one thread), and a run in the process's pools
-    (None: a fused pack, XLA) waits for every shared run and has the machine to itself."""
+    """`_run_here` on 2 cores: one-thread runs train side by side; a run that wants both
+    cores starts on the one left free, with one thread; a run in the process's pools
+    (None: a fused pack, XLA) waits for every shared run and has the machine to itself; a
+    shared run that raises fails alone; a finished run's core counts as free at once."""
     import threading
+    from types import SimpleNamespace
 
     from trainer import executors
 
-    wants = {"a": 1, "b": 1, "c": 2, "alone": None, "d": 1}
-    monkeypatch.setattr(executors.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(executors, "_own_threads", lambda task: wants[task.exp_dir])
-    monkeypatch.setattr(executors, "prepare_task", lambda task: None)
-    monkeypatch.setattr(executors, "_ahead", lambda task, upcoming: False)
-    spans, lock = {}, threading.Lock()
+    wants = {"a": 1, "b": 1, "c": 2, "alone": None, "d": 2, "e": 1, "f": 2}
+    events = {name: threading.Event() for name in ("c started", "e finished")}
+    active, threads, lock = set(), {}, threading.Lock()
+
+    def own_threads(task):
+        if task.exp_dir == "f":  # e has raised: its core is free, though nobody waited for it
+            assert events["e finished"].wait(10)
+            time.sleep(0.05)
+        return wants[task.exp_dir]
 
     def train_one(task, prepared=None, out=None, max_threads=None):
-        start = time.perf_counter()
-        time.sleep({"a": 0.6, "b": 0.2}.get(task.exp_dir, 0.3))
+        name = task.exp_dir
         with lock:
-            spans[task.exp_dir] = (start, time.perf_counter(), max_threads)
-        return [{"name": task.exp_dir}]
+            assert name != "alone" or not active, f"{active} still training beside a run that needs the machine"
+            active.add(name)
+            threads[name] = max_threads
+        try:
+            if name == "c":
+                events["c started"].set()
+            if name == "a":  # still training when c starts: side by side
+                assert events["c started"].wait(10)
+            if name == "e":
+                events["e finished"].set()
+                raise RuntimeError("e broke")
+            return [{"name": name, "status": "complete"}]
+        finally:
+            with lock:
+                active.discard(name)
 
+    monkeypatch.setattr(executors, "usable_cores", lambda: 2)
+    monkeypatch.setattr(executors, "_own_threads", own_threads)
+    monkeypatch.setattr(executors, "prepare_task", lambda task: None)
+    monkeypatch.setattr(executors, "_ahead", lambda task, upcoming: False)
     monkeypatch.setattr(executors, "train_one", train_one)
-    tasks = [executors.Task(None, (0,), name) for name in wants]
-    done = [r["name"] for r in executors._run_here(tasks, None)]
+    tasks = [executors.Task(SimpleNamespace(runs=[None], run_name=lambda spec, n=name: n), (0,), name)
+             for name in wants]
+    done = {r["name"]: r for r in executors._run_here(tasks, None)}
     assert sorted(done) == sorted(wants)
-    assert {k: v[2] for k, v in spans.items()} == {"a": 1, "b": 1, "c": 1, "alone": None, "d": 1}
-    assert spans["b"][0] < spans["a"][1] and spans["c"][0] < spans["a"][1]  # side by side
-    assert spans["c"][0] >= spans["b"][1]  # on the core b left
-    others = [v for k, v in spans.items() if k != "alone"]
-    assert all(end <= spans["alone"][0] or start >= spans["alone"][1] for start, end, _ in others)
-    assert spans["d"][0] >= spans["alone"][1]  # in order: after the run that trained alone
+    assert done["e"]["status"] == "failed" and "RuntimeError: e broke" in done["e"]["error"]
+    assert all(r["status"] == "complete" for name, r in done.items() if name != "e")
+    assert threads == {"a": 1, "b": 1, "c": 1, "alone": None, "d": 2, "e": 1, "f": 2}
 
 
-def test_runs_trained_side_by_side_equal_the_same_runs_trained_one_by_one(tmp_path, synthetic_npz):
-    """Two CNN runs of one-thread sessions, trained by the grid in threads that share the
-    cores (`_run_here`; the order of their starts and ends is the test above), log the
-    same step losses and final results as each trained by itself."""
+def test_runs_trained_side_by_side_equal_the_same_runs_trained_one_by_one(tmp_path, synthetic_npz, capsys):
+    """Two CNN runs of one-thread sessions, trained by the grid side by side in threads
+    that share the cores (`_run_here`), log the same step losses and final results as
+    each trained by itself."""
     import textwrap
 
     import numpy as np
@@ -189,6 +208,7 @@ def test_runs_trained_side_by_side_equal_the_same_runs_trained_one_by_one(tmp_pa
     from trainer.cli import main
     from trainer.compiled import train_run
     from trainer.data import load
+    from trainer.executors import usable_cores
     from trainer.spec import load_experiment
 
     path = tmp_path / "pair.toml"
@@ -204,6 +224,9 @@ def test_runs_trained_side_by_side_equal_the_same_runs_trained_one_by_one(tmp_pa
         batch_size = [8, 16]
     """))
     assert main(["--experiment", str(path), "--data", str(synthetic_npz), "--logdir", str(tmp_path / "grid")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("run ")]
+    if usable_cores() >= 2:
+        assert [line.endswith(": start") for line in lines[:2]] == [True, True]  # both started before either ended
     experiment = load_experiment(str(path), data_path=str(synthetic_npz))
     data = load(experiment.dataset, validation=experiment.validation, limit=experiment.limit, path=str(synthetic_npz))
     for spec in experiment.runs:

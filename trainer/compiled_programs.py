@@ -113,7 +113,9 @@ def build(spec: RunSpec, data: Dataset, precision: str = "float32",
     structure, loaded, if there is one) and the Keras model they came from. `max_threads`:
     at most that many threads in a session of its own (the run shares the machine)."""
     input_shape, classes = data.x_train.shape[1:], int(data.y_train.max()) + 1
-    with _BUILD_LOCK:  # the seed is global: runs built in two threads would draw each other's weights
+    # set_random_seed sets the process's Python, NumPy and TensorFlow seeds: runs built in
+    # two threads at once hold this lock from setting it until their model is built.
+    with _BUILD_LOCK:
         keras.utils.set_random_seed(spec.seed)
         model = build_model(spec, input_shape=input_shape, classes=classes)
     threads = session_threads(model, spec.batch_size)

@@ -211,7 +211,9 @@ def _run_here(tasks: list[Task], out: TextIO | None) -> Iterator[dict]:
     small batches, all cores at large ones, `trainer.compiled_programs`) share the cores:
     each starts, in a thread of its own, as soon as a core is free, with at most the free
     cores' threads (document 000's grid, batch 8, 32 and 128 on 2 cores: 8 and 32 side
-    by side, then 128 on the core 32 leaves, with one thread). Every other task has the machine to
+    by side, then 128 on the core 32 leaves, with one thread; so a run's thread count,
+    recorded in run.json `compiled.threads`, can depend on what else trains). A shared
+    run's error fails that run only, as in a worker process. Every other task has the machine to
     itself. Of those, a pack that needs another compiled program than the one training (a
     new batch size or structure) is prepared in a thread meanwhile: TensorFlow releases
     the GIL while it computes, and tracing and XLA compilation (1–3 s a pack) mostly use
@@ -223,17 +225,25 @@ def _run_here(tasks: list[Task], out: TextIO | None) -> Iterator[dict]:
 
     if not tasks:
         return
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
     sharing = ThreadPoolExecutor(max_workers=cores, thread_name_prefix="train")
-    running: dict = {}  # future → the cores its run holds
+    running: dict = {}  # future → (its task, the cores its run holds)
+
+    def collect(future) -> list[dict]:
+        task = running.pop(future)[0]
+        try:
+            return future.result()
+        except Exception as exc:  # noqa: BLE001 - as a worker process's error: that task failed, the rest go on
+            return _failed(task, f"{type(exc).__name__}: {exc}")
 
     def until_free(n: int) -> Iterator[dict]:  # the results of shared runs, until n cores are free
-        while running and cores - sum(running.values()) < n:
+        for future in [f for f in running if f.done()]:  # finished: their cores are free already
+            yield from collect(future)
+        while running and cores - sum(c for _, c in running.values()) < n:
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
-                del running[future]
-                yield from future.result()
+                yield from collect(future)
 
     try:
         upcoming = None  # (index, future) of the pack prepared ahead
@@ -241,8 +251,8 @@ def _run_here(tasks: list[Task], out: TextIO | None) -> Iterator[dict]:
             threads = _shareable(task)
             if threads is not None:
                 yield from until_free(1)
-                threads = min(threads, cores - sum(running.values()))
-                running[sharing.submit(train_one, task, None, out, threads)] = threads
+                threads = min(threads, cores - sum(c for _, c in running.values()))
+                running[sharing.submit(train_one, task, None, out, threads)] = task, threads
                 continue
             yield from until_free(cores)
             if upcoming is not None and upcoming[0] == k:
@@ -255,10 +265,20 @@ def _run_here(tasks: list[Task], out: TextIO | None) -> Iterator[dict]:
             yield from train_one(task, prepared, out)
         yield from until_free(cores)
     finally:
-        # An error or Ctrl-C here: the shared runs still training stop at their next
-        # `interrupt.check()` (a signal) or finish; either way their manifests are written.
+        # Ctrl-C: the shared runs still training stop at their next `interrupt.check()`;
+        # another error here (the caller's): they finish. Either way their manifests are
+        # written before this returns.
         sharing.shutdown(wait=True, cancel_futures=True)
         preparing.shutdown(wait=False, cancel_futures=True)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity; `os.cpu_count()` counts the
+    machine's)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _shareable(task: Task) -> int | None:
