@@ -194,14 +194,18 @@ def _program(task: Task) -> tuple | None:
 def _own_threads(task: Task) -> int | None:
     """The threads of the session of its own that `task`'s run trains in
     (`trainer.compiled_programs.own_threads`), or None: it trains alone, in the process's
-    thread pools (a fused pack, XLA, `model.fit`)."""
+    thread pools (a fused pack, XLA, `model.fit`; or telling failed, and training it
+    reports the error)."""
     experiment = task.experiment
     spec = experiment.runs[task.indices[0]]
     if len(task.indices) != 1 or experiment.engine_of(spec) != "compiled":
         return None
     from trainer.compiled_programs import own_threads
 
-    return own_threads(spec, _dataset(experiment, task.allow_download), experiment.precision)
+    try:
+        return own_threads(spec, _dataset(experiment, task.allow_download), experiment.precision)
+    except Exception:  # noqa: BLE001 - an optimization only
+        return None
 
 
 def _run_here(tasks: list[Task], out: TextIO | None) -> Iterator[dict]:
@@ -230,6 +234,9 @@ def _run_here(tasks: list[Task], out: TextIO | None) -> Iterator[dict]:
     sharing = ThreadPoolExecutor(max_workers=cores, thread_name_prefix="train")
     running: dict = {}  # future → (its task, the cores its run holds)
 
+    def free() -> int:
+        return cores - sum(c for _, c in running.values())
+
     def collect(future) -> list[dict]:
         task = running.pop(future)[0]
         try:
@@ -240,7 +247,7 @@ def _run_here(tasks: list[Task], out: TextIO | None) -> Iterator[dict]:
     def until_free(n: int) -> Iterator[dict]:  # the results of shared runs, until n cores are free
         for future in [f for f in running if f.done()]:  # finished: their cores are free already
             yield from collect(future)
-        while running and cores - sum(c for _, c in running.values()) < n:
+        while running and free() < n:
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 yield from collect(future)
@@ -248,10 +255,10 @@ def _run_here(tasks: list[Task], out: TextIO | None) -> Iterator[dict]:
     try:
         upcoming = None  # (index, future) of the pack prepared ahead
         for k, task in enumerate(tasks):
-            threads = _shareable(task)
+            threads = _own_threads(task)
             if threads is not None:
                 yield from until_free(1)
-                threads = min(threads, cores - sum(c for _, c in running.values()))
+                threads = min(threads, free())
                 running[sharing.submit(train_one, task, None, out, threads)] = task, threads
                 continue
             yield from until_free(cores)
@@ -279,14 +286,6 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0)) or 1
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-def _shareable(task: Task) -> int | None:
-    """`_own_threads(task)`, None if telling fails (training it alone then reports the error)."""
-    try:
-        return _own_threads(task)
-    except Exception:  # noqa: BLE001 - an optimization only
-        return None
 
 
 def _ahead(task: Task, upcoming: Task) -> bool:

@@ -93,7 +93,7 @@ class PackedMLP(PackNoise):
     """
 
     def __init__(self, specs: list[RunSpec], *, input_shape: tuple[int, ...], classes: int,
-                 probe: tuple[int, int, int] | None = None, per_example: bool = False):
+                 probe: tuple[int, int] | None = None, per_example: bool = False):
         # per_example: each training step also returns its per-example gradient norms
         # (`_example_norms`), for contract.noise's per-example estimator.
         self.per_example = per_example
@@ -121,10 +121,9 @@ class PackedMLP(PackNoise):
         self.optimizer.build(self.trainable)
         self._optimizer_start = [v.numpy() for v in self.optimizer.variables]
         self._member_sums = member_sums(self)
-        # The compiled functions, made at the first call with the batch sizes left open in
-        # their signatures: one trace (≈0.3 s for training, ≈0.5 s for the probe) then
-        # serves every pack this object trains (`load`), and XLA compiles each batch size
-        # once.
+        # The training program, made at the first call with the batch sizes left open in its
+        # signature (the probe inside it): one trace then serves every pack this object
+        # trains (`load`), and XLA compiles each batch size once.
         self.train_chunk = None
         self.batch_sizes: set[int] = set()  # those `train_chunk` has run with (so XLA compiled)
         self._pending: dict[str, Future] = {}  # see warm_up
@@ -141,14 +140,14 @@ class PackedMLP(PackNoise):
                                                   input_signature=[state, *chunks])
             return _VALIDATE[self.key]
 
-    def _take(self, members: Members, probe: tuple[int, int, int] | None) -> None:
+    def _take(self, members: Members, probe: tuple[int, int] | None) -> None:
         """Hold `members` as the runs this pack trains (their values are assigned by the
         caller): their specs and model summaries, and the probe's shape."""
         self.specs, self.summaries = members.specs, members.summaries
         # (batches, small batch) of the gradient-noise probe, or None: no probe.
         self.probe_shape = probe
 
-    def load(self, specs: list[RunSpec], probe: tuple[int, int, int] | None) -> None:
+    def load(self, specs: list[RunSpec], probe: tuple[int, int] | None) -> None:
         """Start over as the pack of `specs` (same `structure_key`): their initial weights,
         the optimizer's starting state; the traced and compiled functions are kept."""
         if structure_key(specs, self.input_shape, self.classes, self.per_example, probe) != self.key:
