@@ -11,6 +11,16 @@ B_simple of the logged epoch-end interval; the measurements per run (run.json). 
 line is `worst CV: <all runs> (all runs), <per initializer> (per initializer); RMS CV over
 cells: <all runs>; runs without a value: <n>` (with 9 runs a cell's CV is itself
 uncertain by about ±25%, so the RMS over cells is the steadier summary).
+
+    python -m bench.noise_cv --logdir logs/lab --against logs/lab-probe1
+
+With --against, a second log folder of the same runs trained with another
+`[gradient_noise] probe_seed` (the same training, other probe rows) splits each cell's
+spread in two: the estimator's own error, from the two values of each run (RMS of
+(log a − log b)/√2 over the cell's runs), and what is left, the runs' own differences
+(`own`: 1 − error² / the cell's variance of log B_simple, at least 0); with `r` the
+correlation of the runs' log values between the two folders (with 3 runs or more). The last line is then
+`estimator error (log): <per cell>; runs' own share: <per cell>`.
 A script that reads logs, not a test: nothing here is asserted.
 """
 from __future__ import annotations
@@ -57,18 +67,18 @@ def cv(values: list[float]) -> tuple[float, float, float]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.noise_cv", description=__doc__.splitlines()[0])
     p.add_argument("--logdir", type=Path, default=Path("logs/lab"), help="one experiment's log folder")
+    p.add_argument("--against", type=Path, help="the same runs trained with another [gradient_noise] probe_seed")
     args = p.parse_args(argv)
-    cells: dict[tuple[int, bool], list[dict]] = defaultdict(list)
-    for manifest_path in sorted(args.logdir.glob(f"*/{RUN_MANIFEST}")):
-        m = json.loads(manifest_path.read_text())
-        spec = m["spec"]
-        values = last_epoch_values(manifest_path.parent / TRAIN)
-        cells[(spec["batch_size"], spec["batch_norm"])].append({
-            "init": spec["initializer"], "seed": spec["seed"], "status": m["status"],
-            "measurements": (m.get("gradient_noise") or {}).get("measurements"), **values})
+    cells = read_cells(args.logdir)
     if not cells:
         print(f"no runs under {args.logdir}", file=sys.stderr)
         return 2
+    other = read_cells(args.against) if args.against else None
+    if other is not None:
+        problem = compare_problem(cells, other)
+        if problem:
+            print(f"--against {args.against}: {problem}", file=sys.stderr)
+            return 2
     settings = json.loads(next(args.logdir.glob(f"*/{RUN_MANIFEST}")).read_text()).get("gradient_noise", {})
     shown = {k: settings[k] for k in ("every", "every_examples", "batches", "small_batch", "beta", "measurements_per_epoch")
              if k in settings} or {k: v for k, v in settings.items() if k not in ("tags", "measurements")}
@@ -100,7 +110,69 @@ def main(argv=None) -> int:
               f"{(np.median(widths) if widths else math.nan):10.2f} {(np.mean(meas) if meas else math.nan):9.1f}")
     print(f"worst CV: {worst_all:.2f} (all runs), {worst_init:.2f} (per initializer); "
           f"RMS CV over cells: {math.sqrt(np.mean(squares)):.2f}; runs without a value: {missing}")
+    if other is not None:
+        print_split(cells, other)
     return 0
+
+
+def read_cells(logdir: Path) -> dict[tuple[int, bool], list[dict]]:
+    """{(batch size, batch norm): one dict per run: its folder name, spec values, config,
+    status, measurement count and last epoch-end B_simple tags}."""
+    cells: dict[tuple[int, bool], list[dict]] = defaultdict(list)
+    for manifest_path in sorted(logdir.glob(f"*/{RUN_MANIFEST}")):
+        m = json.loads(manifest_path.read_text())
+        spec = m["spec"]
+        values = last_epoch_values(manifest_path.parent / TRAIN)
+        cells[(spec["batch_size"], spec["batch_norm"])].append({
+            "run": manifest_path.parent.name, "config": m.get("config", {}),
+            "init": spec["initializer"], "seed": spec["seed"], "status": m["status"],
+            "measurements": (m.get("gradient_noise") or {}).get("measurements"), **values})
+    return cells
+
+
+def _without_probe_seed(config: dict) -> dict:
+    return {**config, "gradient_noise": {k: v for k, v in (config.get("gradient_noise") or {}).items()
+                                         if k != "probe_seed"}}
+
+
+def compare_problem(a: dict, b: dict) -> str | None:
+    """Why two folders are not the same runs with other probe rows (None: they are)."""
+    runs_a = {r["run"]: r for rs in a.values() for r in rs}
+    runs_b = {r["run"]: r for rs in b.values() for r in rs}
+    if set(runs_a) != set(runs_b):
+        return f"not the same runs ({len(set(runs_a) ^ set(runs_b))} in only one of the folders)"
+    differ = 0
+    for name, ra in runs_a.items():
+        ca, cb = ra["config"], runs_b[name]["config"]
+        if _without_probe_seed(ca) != _without_probe_seed(cb):
+            return f"run {name} was trained differently (its run.json config differs beyond probe_seed)"
+        differ += (ca.get("gradient_noise") or {}).get("probe_seed") != (cb.get("gradient_noise") or {}).get("probe_seed")
+    if not differ:  # runs measured per example draw no probe rows: they have none in either
+        return "every run has the same probe_seed in both: train one with another [gradient_noise] probe_seed"
+    return None
+
+
+def print_split(a: dict, b: dict) -> None:
+    """Per cell: the estimator's own error (log), the correlation of the two folders'
+    values, and the runs' own share of the cell's spread (module docstring)."""
+    print(f"{'BN':>3} {'batch':>6} | {'sd log':>7} {'error':>6} {'r':>6} {'own':>5} {'pairs':>5}")
+    errors, owns = [], []
+    for (bs, bn) in sorted(a, key=lambda c: (c[1], c[0])):
+        other = {r["run"]: r.get(NOISE_EPOCH_B_SIMPLE) for r in b[(bs, bn)]}
+        pairs = [(r[NOISE_EPOCH_B_SIMPLE], other[r["run"]]) for r in a[(bs, bn)]
+                 if r.get(NOISE_EPOCH_B_SIMPLE, 0) > 0 and (other.get(r["run"]) or 0) > 0]
+        if len(pairs) < 2:
+            print(f"{'on' if bn else 'off':>3} {bs:>6} | fewer than 2 runs with a value in both folders")
+            continue
+        x, y = np.log(np.asarray(pairs)).T
+        error = math.sqrt(float(np.mean((x - y) ** 2)) / 2)
+        spread = float(np.var(x, ddof=1) + np.var(y, ddof=1)) / 2
+        own = max(0.0, 1 - error * error / spread) if spread > 0 else math.nan
+        r = float(np.corrcoef(x, y)[0, 1]) if len(pairs) > 2 and np.std(x) > 0 and np.std(y) > 0 else math.nan
+        errors.append(f"{error:.2f}")
+        owns.append(f"{own:.2f}")
+        print(f"{'on' if bn else 'off':>3} {bs:>6} | {math.sqrt(spread):7.2f} {error:6.2f} {r:6.2f} {own:5.2f} {len(pairs):>5}")
+    print(f"estimator error (log): {' '.join(errors)}; runs' own share: {' '.join(owns)}")
 
 
 if __name__ == "__main__":

@@ -75,8 +75,9 @@ from contract.spec import PER_EXAMPLE, PROBE, NoiseSettings
 # Tags the per-example estimator does not write: it has no big batch to take a cosine with.
 _PROBE_ONLY = {NOISE_COSINE, NOISE_EPOCH_COSINE}
 
-# The small batches' own random stream, seeded by the run's seed: training's shuffles
-# are left alone, and both engines draw the same rows.
+# The small batches' own random stream, seeded by the run's seed (and shifted by
+# [gradient_noise] probe_seed): training's shuffles are left alone, and both engines draw
+# the same rows.
 _STREAM = 0x6E6F697365
 INTERVAL_LEVEL = 0.95
 INTERVAL_METHOD = "fieller"  # over the EMA-weighted measurements; see the module docstring
@@ -259,7 +260,7 @@ class NoiseSchedule:
         self.settings, self.examples, self.batch_size = settings, examples, batch_size
         self.steps_per_epoch = math.ceil(examples / batch_size)
         self.due_in_epoch = due_steps(settings.every_examples, examples, batch_size)
-        self.rng = np.random.default_rng([seed, _STREAM])
+        self.rng = np.random.default_rng([seed, _STREAM + settings.probe_seed])
         self.emas = [NoiseScaleEMA(settings.beta) for _ in range(members)]
         self.measurements = [0] * members
         self.next_due = self.due_in_epoch[0]
@@ -385,7 +386,7 @@ class NoiseSchedule:
         ema = self.emas[member]
         low, high = ema.interval() or (None, None)
         estimator = self.estimators[member]
-        probe_only = ("small_batch", "batches", "big_batch") if estimator == PER_EXAMPLE else ()
+        probe_only = ("small_batch", "batches", "big_batch", "probe_seed") if estimator == PER_EXAMPLE else ()
         settings = {k: v for k, v in self.settings.to_dict().items() if k not in probe_only}
         return {**settings, "estimator": estimator, "measurements": self.measurements[member],
                 "measurements_per_epoch": len(self.due_in_epoch),

@@ -111,6 +111,10 @@ class NoiseSettings:
     small_batch: int = 128        # the probe's B_small
     batches: int = 4              # the probe's k disjoint small batches; B_big = k·B_small
     beta: float = 0.95            # EMA weight over measurements
+    # The probe's rows' random stream (with the run's seed): another value draws other
+    # rows over the same training, to see how much B_simple depends on them
+    # (`python -m bench.noise_cv --against`).
+    probe_seed: int = 0
 
     def __post_init__(self):
         if self.estimator not in ESTIMATORS:

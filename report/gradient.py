@@ -156,8 +156,9 @@ def _method(settings: dict, measured: dict, manifests: dict) -> str:
             (f"For the {len(by_way['probe'])} runs measured with the probe{reason}: with " if both else "With ")
             + f"the weights held fixed, {_schedule(probe)} the trainer took the gradients of "
             f"{probe['batches']} disjoint batches of {probe['small_batch']} training examples and their mean (a "
-            f"batch of {probe['big_batch']}), and estimated |G|² and tr(Σ) from E|G_B|² = |G|² + tr(Σ)/B "
-            "(McCandlish et al. 2018, App. A.1).")
+            f"batch of {probe['big_batch']}" + (f"; rows drawn with probe_seed = {probe['probe_seed']}"
+                                                 if probe.get("probe_seed") else "")
+            + "), and estimated |G|² and tr(Σ) from E|G_B|² = |G|² + tr(Σ)/B (McCandlish et al. 2018, App. A.1).")
     return " ".join(texts)
 
 

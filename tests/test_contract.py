@@ -1,6 +1,7 @@
 """The contract between the stages (contract/): defined once, imported by both, heavier
 than nothing but numpy, and never bypassed."""
 import ast
+import dataclasses
 import json
 import os
 import shutil
@@ -133,6 +134,12 @@ def test_one_schedule_measures_every_n_examples_and_each_epoch_end_once():
     # The same seed draws the same rows, whichever engine asks.
     again = NoiseSchedule(settings, examples=100, batch_size=8, seed=0)
     np.testing.assert_array_equal(again.plan(5)[0], rows)
+    # Another probe_seed: other rows, the same ones again with the same probe_seed.
+    other = [NoiseSchedule(dataclasses.replace(settings, probe_seed=1), examples=100, batch_size=8, seed=0).plan(5)[0]
+             for _ in range(2)]
+    np.testing.assert_array_equal(other[0], other[1])
+    assert not np.array_equal(other[0], rows)
+    assert schedule.summary(0)["probe_seed"] == 0
     with pytest.raises(ValueError, match="needs batches × small_batch = 12 training examples, the data has 11"):
         check_examples(settings, 11)
 

@@ -2,7 +2,9 @@
 model with frozen weights, and the scalars a real training run logs."""
 import json
 import math
+import shutil
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -539,3 +541,41 @@ def test_no_gradient_noise_trains_without_the_probe_and_switching_retrains(tmp_p
         assert _gradient_steps(run)["G2"]
     assert main(args) == 0
     assert capsys.readouterr().out.count("already complete, skipped") == len(runs)
+
+
+@pytest.mark.slow
+def test_another_probe_seed_retrains_only_the_probe_runs_and_the_bench_splits_the_spread(smoke, synthetic_npz, tmp_path,
+                                                                                         capsys):
+    """`[gradient_noise] probe_seed = 1` on the trained smoke grid: the 4 per-example runs
+    (no probe rows) are reused, the 4 batch-norm runs retrain with the same training and
+    other probe rows; `bench.noise_cv --against` then finds no estimator error in the
+    per-example cells and some in the probe's, and refuses a folder against itself."""
+    from bench import noise_cv
+    from trainer.cli import main
+
+    code, logdir, _ = smoke
+    assert code == 0
+    shutil.copytree(logdir, tmp_path / "logs" / "smoke")
+    path = tmp_path / "smoke.toml"
+    path.write_text((Path(__file__).parents[1] / "experiments" / "smoke.toml").read_text() + "\n[gradient_noise]\nprobe_seed = 1\n")
+    capsys.readouterr()
+    assert main(["--experiment", str(path), "--data", str(synthetic_npz),
+                 "--logdir", str(tmp_path / "logs")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("already complete, skipped") == 4 and out.count(": complete") == 4
+    changed = 0
+    for run in sorted(p for p in logdir.iterdir() if (p / "run.json").exists()):
+        before = json.loads((run / "run.json").read_text())
+        after = json.loads((tmp_path / "logs" / "smoke" / run.name / "run.json").read_text())
+        # The same training (to float rounding: the batch-norm runs now train in a pack of their own).
+        assert after["final"]["loss"] == pytest.approx(before["final"]["loss"], rel=1e-6)
+        probe = before["spec"]["batch_norm"]
+        assert ("probe_seed" in after["config"]["gradient_noise"]) == probe
+        changed += after["gradient_noise"]["b_simple"] != before["gradient_noise"]["b_simple"]
+    assert changed == 4
+    assert noise_cv.main(["--logdir", str(logdir), "--against", str(tmp_path / "logs" / "smoke")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    errors = dict(zip(("off 64", "off 256", "on 64", "on 256"), lines[-1].split(":")[1].split(";")[0].split()))
+    assert errors["off 64"] == errors["off 256"] == "0.00" and float(errors["on 64"]) > 0
+    assert noise_cv.main(["--logdir", str(logdir), "--against", str(logdir)]) == 2
+    assert "same probe_seed" in capsys.readouterr().err

@@ -104,6 +104,7 @@ BAD = {
     "unknown gradient-noise key": ("[gradient_noise]\nevry = 100\n", ["[gradient_noise] evry", "did you mean 'every_examples'", "small_batch"]),
     "one small batch": ("[gradient_noise]\nbatches = 1\n", ["[gradient_noise] batches", "at least 2"]),
     "EMA weight of 1": ("[gradient_noise]\nbeta = 1.0\n", ["[gradient_noise] beta", "[0, 1)"]),
+    "negative probe seed": ("[gradient_noise]\nprobe_seed = -1\n", ["[gradient_noise] probe_seed", "integer ≥ 0"]),
     "gradient noise switch as a word": ("[gradient_noise]\nenabled = 'no'\n", ["[gradient_noise] enabled", "true or false"]),
     "repeats and seeds both": ("[grid]\nrepeats = 2\nseed = [0, 1]\n", ["[grid] repeats", "not both"]),
     "NUL in the title": ('[experiment]\ntitle = "a\\u0000b"\n', ["[experiment] title", "U+0000"]),

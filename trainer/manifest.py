@@ -18,7 +18,7 @@ import numpy as np
 
 from contract import files
 from contract.layout import COMPARISON_MANIFEST_KEY, DIVERGED, FAILED, FINISHED, INTERRUPTED, RUN_MANIFEST, RUNNING
-from contract.spec import PER_EXAMPLE, RunSpec
+from contract.spec import PER_EXAMPLE, PROBE, RunSpec
 from trainer import events, faults
 from trainer.data import Dataset
 from trainer.spec import Experiment
@@ -61,8 +61,11 @@ def run_config(experiment: Experiment, spec: RunSpec, data: Dataset) -> dict:
 def noise_config(experiment: Experiment, spec: RunSpec) -> dict:
     """[gradient_noise] as it decides the run's numbers: the estimator as resolved, named
     only where it is the per-example one, so that probe runs trained before the key
-    existed (whose measurements are the same) stay reusable."""
-    noise = {k: v for k, v in experiment.gradient_noise.to_dict().items() if k != "estimator"}
+    existed (whose measurements are the same) stay reusable; likewise probe_seed only
+    where it is not 0 and the run takes the probe (the per-example estimator draws no rows)."""
+    noise = {k: v for k, v in experiment.gradient_noise.to_dict().items() if k not in ("estimator", "probe_seed")}
+    if experiment.gradient_noise.probe_seed and experiment.noise_estimator(spec) == PROBE:
+        noise["probe_seed"] = experiment.gradient_noise.probe_seed
     if experiment.gradient_noise.enabled and experiment.noise_estimator(spec) == PER_EXAMPLE:
         noise["estimator"] = PER_EXAMPLE
     return noise

@@ -330,9 +330,12 @@ class _Checker:
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
             self.fail("[gradient_noise] beta", f"must be a number in [0, 1), e.g. 0.9; got {beta!r}")
         estimator = self.choice("[gradient_noise] estimator", table.get("estimator", default.estimator), ESTIMATORS)
+        probe_seed = table.get("probe_seed", default.probe_seed)
+        if isinstance(probe_seed, bool) or not isinstance(probe_seed, int) or probe_seed < 0:
+            self.fail("[gradient_noise] probe_seed", f"must be an integer ≥ 0, e.g. 1; got {probe_seed!r}")
         if self.problems:
             return default
-        return NoiseSettings(enabled=enabled, beta=float(beta), estimator=estimator, **ints)
+        return NoiseSettings(enabled=enabled, beta=float(beta), estimator=estimator, probe_seed=probe_seed, **ints)
 
     # -- field checks ----------------------------------------------------------------
 
