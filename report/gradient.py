@@ -158,7 +158,11 @@ def _method(settings: dict, measured: dict, manifests: dict) -> str:
             f"{probe['batches']} disjoint batches of {probe['small_batch']} training examples and their mean (a "
             f"batch of {probe['big_batch']}" + (f"; rows drawn with probe_seed = {probe['probe_seed']}"
                                                  if probe.get("probe_seed") else "")
-            + "), and estimated |G|² and tr(Σ) from E|G_B|² = |G|² + tr(Σ)/B (McCandlish et al. 2018, App. A.1).")
+            + "), and estimated |G|² and tr(Σ) from E|G_B|² = |G|² + tr(Σ)/B (McCandlish et al. 2018, App. A.1)"
+            + (". Where the probe ran inside the training step (before its update), the dot product of the step's "
+               "own batch gradient, from other examples at the same weights, with their mean is a second estimate "
+               "of |G|², averaged in with the weight 2B/((k − 1)·B_small + 2B) for a step of B examples and k small "
+               "batches of B_small" if probe.get("with_step_gradient") else "") + ".")
     return " ".join(texts)
 
 

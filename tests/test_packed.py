@@ -131,13 +131,14 @@ def _copy_of(pack, specs, *, per_example=False):
     return copy
 
 
-def _probe_after_a_still_step(pack, x, y, rows, batch):
+def _probe_after_a_still_step(pack, x, y, rows, batch, *, cross: bool = False):
     """The probe inside a training step that changes no weight (learning rate 0): its
-    (|G_small|², |G_big|², cosine of the step's gradient with G_big), per member."""
+    (|G_small|², |G_big|², cosine of the step's gradient with G_big), per member, and with
+    `cross` the dot product of the two."""
     pack.optimizer.learning_rate.assign(0.0)
     out = pack.run_chunk(dataset(x, y), batch[None].astype(np.int32), np.array([len(batch)], np.int32), 1,
                          probes={0: rows})
-    return out["probe_small"][0], out["probe_big"][0], out["probe_cosine"][0]
+    return (out["probe_small"][0], out["probe_big"][0], out["probe_cosine"][0]) + ((out["probe_cross"][0],) if cross else ())
 
 
 def test_gradient_probe_matches_the_single_model_probe(trained, data):
@@ -150,10 +151,13 @@ def test_gradient_probe_matches_the_single_model_probe(trained, data):
     x, y = data
     ys = y[:128].reshape(4, 32)
     rows, batch = np.arange(128).reshape(4, 32), np.arange(200, 232)
-    small, big, cosine = _probe_after_a_still_step(_copy_of(pack, specs), x, y, rows, batch)
+    small, big, cosine, cross = _probe_after_a_still_step(_copy_of(pack, specs), x, y, rows, batch, cross=True)
     for j, (model, _, _) in enumerate(keras_runs):
-        ref = GradientProbe(model, specs[j].loss).measure(x[:128].reshape((4, 32) + SHAPE), ys, x[batch], y[batch])
+        probe = GradientProbe(model, specs[j].loss)
+        ref = probe.measure(x[:128].reshape((4, 32) + SHAPE), ys, x[batch], y[batch])
         np.testing.assert_allclose([small[j], big[j], cosine[j]], ref, rtol=1e-4)
+        mean = np.mean([probe.gradient(x[r], y[r]) for r in rows], axis=0)
+        assert cross[j] == pytest.approx(float(probe.gradient(x[batch], y[batch]) @ mean), rel=1e-4)
     assert not np.allclose(small, small[0])  # the members really differ
     mixed = _copy_of(pack, specs, per_example=True)
     normed = [j for j, spec in enumerate(specs) if spec.uses_batch_norm]
@@ -163,19 +167,20 @@ def test_gradient_probe_matches_the_single_model_probe(trained, data):
 
 
 def test_the_probe_inside_a_chunk_sees_the_weights_of_its_step(trained, data):
-    """A probe after step 2 of a 3-step chunk equals the probe of a pack that trained the
-    same 2 steps and then stood still."""
+    """A probe at step 2 of a 3-step chunk (before its update, at the weights of its
+    gradient) equals the probe of a pack that trained step 1 and then stood still on
+    step 2's batch, the step's gradient (cosine, dot product) included."""
     specs, pack, _, _, _ = trained
     x, y = data
     rows = np.arange(128).reshape(4, 32)
     idx, counts = np.arange(3 * BATCH, dtype=np.int32).reshape(3, BATCH), np.full(3, BATCH, np.int32)
     inside = _copy_of(pack, specs).run_chunk(dataset(x, y), idx, counts, 3, probes={1: rows})
-    assert np.isnan(inside["probe_small"][[0, 2]]).all()
+    assert np.isnan(inside["probe_small"][[0, 2]]).all() and np.isnan(inside["probe_cross"][[0, 2]]).all()
     second = _copy_of(pack, specs)
-    second.run_chunk(dataset(x, y), idx[:2], counts[:2], 2)
-    small, big, _ = _probe_after_a_still_step(second, x, y, rows, idx[2])
-    np.testing.assert_allclose(inside["probe_small"][1], small, rtol=1e-5)
-    np.testing.assert_allclose(inside["probe_big"][1], big, rtol=1e-5)
+    second.run_chunk(dataset(x, y), idx[:1], counts[:1], 1)
+    still = _probe_after_a_still_step(second, x, y, rows, idx[1], cross=True)
+    for key, want in zip(("probe_small", "probe_big", "probe_cosine", "probe_cross"), still):
+        np.testing.assert_allclose(inside[key][1], want, rtol=1e-5)
 
 
 def test_a_member_does_not_depend_on_its_pack_mates(data):

@@ -237,7 +237,8 @@ def _measure(noise: NoiseSchedule, pack: PackedMLP, out: dict, counts: np.ndarra
              epoch_end: bool, diverged_at: list, writer: events.BatchedWriter) -> None:
     """The chunk's per-example values into `noise`, split at its measurements `due`; each
     measurement logged at its step for the members alive then (the probe's cosine at an
-    epoch's end only, as the other engines take it)."""
+    epoch's end only, as the other engines take it; its dot product with the step's own
+    gradient at every measurement, with that step's rows)."""
     start = 0
     for d in due:
         end = d - step0
@@ -248,7 +249,8 @@ def _measure(noise: NoiseSchedule, pack: PackedMLP, out: dict, counts: np.ndarra
         probe = None
         if pack.probe_shape is not None:
             cosine = out["probe_cosine"][end - 1] if epoch_end and end == len(counts) else None
-            probe = (out["probe_small"][end - 1], out["probe_big"][end - 1], cosine)
+            probe = (out["probe_small"][end - 1], out["probe_big"][end - 1], cosine,
+                     out["probe_cross"][end - 1], int(counts[end - 1]))
         for j, values in enumerate(noise.measure(d, alive, probe)):
             writer.add(j, TRAIN, values, d)
     if pack.per_example:

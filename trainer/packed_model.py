@@ -206,12 +206,12 @@ class PackedMLP(PackNoise):
     def run_chunk(self, data: Dataset, idx: np.ndarray, counts: np.ndarray, steps: int, *,
                   validate: bool = False, probes: dict[int, np.ndarray] | None = None,
                   norms_at: list[int] = ()) -> dict:
-        """`steps` training steps on the rows idx[i, :counts[i]] of the training set; after
+        """`steps` training steps on the rows idx[i, :counts[i]] of the training set; at
         step i (0-based) in `probes`, the probe on its small batches' rows [k, B_small];
         then, if `validate`, the validation pass. numpy arrays [len(idx), members]:
         "losses" (the first `steps` rows real); with the probe "probe_small", "probe_big"
-        (`_probe_noise`) and "probe_cosine" (of step i's own gradient with the probe's big
-        batch), NaN at steps without it; with per-example norms "example_sq", "batch_sq"
+        (`_probe_noise`), "probe_cross" (the dot product of step i's own gradient with the
+        probe's big batch gradient) and "probe_cosine" (theirs), NaN at steps without it; with per-example norms "example_sq", "batch_sq"
         (`_example_norms`), on one step in ⌊EXAMPLE_NORM_EVERY / batch⌋ and on the steps
         `norms_at`, NaN elsewhere. Per member: "loss_sum" and "right_sum" (loss ×
         examples, right answers), "val_loss", "val_accuracy"."""
@@ -221,12 +221,12 @@ class PackedMLP(PackNoise):
             raise ValueError("this pack was built without a gradient probe")
         k, small = self.probe_shape if self.probe_shape is not None else (1, 1)
         probe_rows = np.zeros((len(idx), k, small), np.int32)  # one shape a chunk size: one XLA program
-        probe_after, norm_at = np.zeros(len(idx), np.int32), np.zeros(len(idx), np.int32)
+        probe_at, norm_at = np.zeros(len(idx), np.int32), np.zeros(len(idx), np.int32)
         for i, rows in (probes or {}).items():
-            probe_rows[i], probe_after[i] = rows, 1
+            probe_rows[i], probe_at[i] = rows, 1
         norm_at[list(norms_at)] = 1
         out = self.train_chunk(t.x, t.y, t.x_sq, idx, counts, tf.constant(steps, tf.int32),
-                               probe_rows, probe_after, norm_at)
+                               probe_rows, probe_at, norm_at)
         self.batch_sizes.add(idx.shape[1])
         if validate:
             self._ready("validate")
@@ -306,17 +306,19 @@ class PackedMLP(PackNoise):
 
     # -- compiled functions -----------------------------------------------------------
 
-    def _train_chunk(self, x_all, y_all, x_sq, idx, counts, n_steps, probe_rows, probe_after, norm_at):
+    def _train_chunk(self, x_all, y_all, x_sq, idx, counts, n_steps, probe_rows, probe_at, norm_at):
         """`n_steps` training steps on the rows idx[i, :counts[i]] (x_sq: each training
         row's squared norm, for `_example_norms`, taken where norm_at[i] and on one step
-        in ⌊EXAMPLE_NORM_EVERY / batch⌋); after step i where probe_after[i], the probe's
-        small batches probe_rows[i] ([k, B_small]) at the weights it left, and the cosine
-        of step i's gradient with their mean (one program for a chunk: a separate call
+        in ⌊EXAMPLE_NORM_EVERY / batch⌋); at step i where probe_at[i], the probe's small
+        batches probe_rows[i] ([k, B_small]) at the weights of step i's gradient, before
+        its update (so that gradient, of other rows, is a second estimate of the same
+        gradient: contract.noise), and the dot product and cosine of step i's gradient with
+        their mean (one program for a chunk: a separate call
         and a chunk cut at each measurement cost ≈5 ms each, more than the probe's
         arithmetic)."""
         batch = tf.shape(idx)[1]
 
-        def step(i, losses, loss_sum, right_sum, small, big, probe_small, probe_big, probe_cosine):
+        def step(i, losses, loss_sum, right_sum, small, big, probe_small, probe_big, probe_cross, probe_cosine):
             count = tf.cast(counts[i], tf.float32)
             weight = tf.cast(tf.range(batch) < counts[i], tf.float32)
             x, y = tf.gather(x_all, idx[i]), tf.gather(y_all, idx[i])
@@ -339,20 +341,22 @@ class PackedMLP(PackNoise):
                 small, big = tf.cond(due, norms, lambda: (small, big))
             else:
                 grads = tape.gradient(total, self.trainable)
-            self.optimizer.apply(grads, self.trainable)
             losses = tf.tensor_scatter_nd_update(losses, [[i]], loss[None])
             if self.probe_shape is not None:
                 def probe():
                     rows = probe_rows[i]
                     small_sq, big_sq, mean = self._probe_noise(tf.gather(x_all, rows), tf.gather(y_all, rows))
-                    cosine = self._dot(grads, mean) / tf.sqrt(self._dot(grads, grads) * big_sq)
+                    cross = self._dot(grads, mean)
+                    cosine = cross / tf.sqrt(self._dot(grads, grads) * big_sq)
                     return tuple(tf.tensor_scatter_nd_update(t, [[i]], v[None])
-                                 for t, v in ((probe_small, small_sq), (probe_big, big_sq), (probe_cosine, cosine)))
+                                 for t, v in ((probe_small, small_sq), (probe_big, big_sq), (probe_cross, cross),
+                                              (probe_cosine, cosine)))
 
-                probe_small, probe_big, probe_cosine = tf.cond(
-                    probe_after[i] > 0, probe, lambda: (probe_small, probe_big, probe_cosine))
+                probe_small, probe_big, probe_cross, probe_cosine = tf.cond(
+                    probe_at[i] > 0, probe, lambda: (probe_small, probe_big, probe_cross, probe_cosine))
+            self.optimizer.apply(grads, self.trainable)
             return (i + 1, losses, loss_sum + loss * count, right_sum + right, small, big,
-                    probe_small, probe_big, probe_cosine)
+                    probe_small, probe_big, probe_cross, probe_cosine)
 
         zeros = tf.zeros([self.members])
 
@@ -361,15 +365,15 @@ class PackedMLP(PackNoise):
 
         every = tf.cast(tf.maximum(1, EXAMPLE_NORM_EVERY // batch), tf.int64)
         probed = self.probe_shape is not None
-        _, losses, loss_sum, right_sum, small, big, probe_small, probe_big, probe_cosine = tf.while_loop(
+        _, losses, loss_sum, right_sum, small, big, probe_small, probe_big, probe_cross, probe_cosine = tf.while_loop(
             lambda i, *_: i < n_steps, step,
             (tf.constant(0), tf.zeros([tf.shape(idx)[0], self.members]), zeros, zeros, unset(self.per_example),
-             unset(self.per_example), unset(probed), unset(probed), unset(probed)))
+             unset(self.per_example), unset(probed), unset(probed), unset(probed), unset(probed)))
         out = {"losses": losses, "loss_sum": loss_sum, "right_sum": right_sum}
         if self.per_example:
             out["example_sq"], out["batch_sq"] = small, big
         if self.probe_shape is not None:
-            out["probe_small"], out["probe_big"], out["probe_cosine"] = probe_small, probe_big, probe_cosine
+            out.update(probe_small=probe_small, probe_big=probe_big, probe_cross=probe_cross, probe_cosine=probe_cosine)
         return out
 
     def _validate(self, state, x_val, y_val, w_val):
