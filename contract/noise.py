@@ -38,7 +38,8 @@ and costs more. While B_simple drifts during training, the drift shows as extra 
 between measurements and widens the interval: it is an interval for the EMA's weighted
 average over its window, not for the value at the last step.
 
-The step's own gradient (the fused engine): there the probe runs inside the training
+The step's own gradient (the fused engine, at batch sizes B ≥ B_small: `PackedMLP.
+takes_step_gradient` says why not below): there the probe runs inside the training
 step, at the weights of the step's gradient g_T and before its update, so g_T (B rows of
 the training batch, drawn independently of the probe's) is another unbiased estimate of
 the same gradient, and C = g_T·G_big one of |G|² (E[X·Y] = E[X]·E[Y] for independent

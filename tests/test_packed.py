@@ -166,20 +166,27 @@ def test_gradient_probe_matches_the_single_model_probe(trained, data):
         np.testing.assert_allclose(got[normed], want[normed], rtol=1e-5)
 
 
-def test_the_probe_inside_a_chunk_sees_the_weights_of_its_step(trained, data):
-    """A probe at step 2 of a 3-step chunk (before its update, at the weights of its
-    gradient) equals the probe of a pack that trained step 1 and then stood still on
-    step 2's batch, the step's gradient (cosine, dot product) included."""
+@pytest.mark.parametrize("batch", [16, BATCH])
+def test_the_probe_inside_a_chunk_sees_the_weights_of_its_step(trained, data, batch):
+    """A probe at step 2 of a 3-step chunk: at batch 16 (below the probe's small batch of
+    32) after that step's update, so it equals the probe of a pack that trained 2 steps
+    and then stood still; at batch 32 before it, at the weights of its gradient, so it
+    equals the probe of a pack that trained step 1 and stood still on step 2's batch, the
+    step's gradient (cosine, dot product) included."""
     specs, pack, _, _, _ = trained
     x, y = data
     rows = np.arange(128).reshape(4, 32)
-    idx, counts = np.arange(3 * BATCH, dtype=np.int32).reshape(3, BATCH), np.full(3, BATCH, np.int32)
+    idx, counts = np.arange(3 * batch, dtype=np.int32).reshape(3, batch), np.full(3, batch, np.int32)
     inside = _copy_of(pack, specs).run_chunk(dataset(x, y), idx, counts, 3, probes={1: rows})
     assert np.isnan(inside["probe_small"][[0, 2]]).all() and np.isnan(inside["probe_cross"][[0, 2]]).all()
+    with_step = batch >= 32
+    assert pack.takes_step_gradient(batch) == with_step
     second = _copy_of(pack, specs)
-    second.run_chunk(dataset(x, y), idx[:1], counts[:1], 1)
-    still = _probe_after_a_still_step(second, x, y, rows, idx[1], cross=True)
-    for key, want in zip(("probe_small", "probe_big", "probe_cosine", "probe_cross"), still):
+    before = 1 if with_step else 2
+    second.run_chunk(dataset(x, y), idx[:before], counts[:before], before)
+    still = _probe_after_a_still_step(second, x, y, rows, idx[1 if with_step else 2], cross=True)
+    keys = ("probe_small", "probe_big", "probe_cosine", "probe_cross") if with_step else ("probe_small", "probe_big")
+    for key, want in zip(keys, still):
         np.testing.assert_allclose(inside[key][1], want, rtol=1e-5)
 
 

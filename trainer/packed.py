@@ -238,7 +238,7 @@ def _measure(noise: NoiseSchedule, pack: PackedMLP, out: dict, counts: np.ndarra
     """The chunk's per-example values into `noise`, split at its measurements `due`; each
     measurement logged at its step for the members alive then (the probe's cosine at an
     epoch's end only, as the other engines take it; its dot product with the step's own
-    gradient at every measurement, with that step's rows)."""
+    gradient at every measurement, with that step's rows, where the probe took it)."""
     start = 0
     for d in due:
         end = d - step0
@@ -249,8 +249,9 @@ def _measure(noise: NoiseSchedule, pack: PackedMLP, out: dict, counts: np.ndarra
         probe = None
         if pack.probe_shape is not None:
             cosine = out["probe_cosine"][end - 1] if epoch_end and end == len(counts) else None
-            probe = (out["probe_small"][end - 1], out["probe_big"][end - 1], cosine,
-                     out["probe_cross"][end - 1], int(counts[end - 1]))
+            probe = (out["probe_small"][end - 1], out["probe_big"][end - 1], cosine)
+            if pack.takes_step_gradient(pack.specs[0].batch_size):  # else the update came between them
+                probe += (out["probe_cross"][end - 1], int(counts[end - 1]))
         for j, values in enumerate(noise.measure(d, alive, probe)):
             writer.add(j, TRAIN, values, d)
     if pack.per_example:

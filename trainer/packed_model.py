@@ -19,6 +19,7 @@ members' initial weights come from the same Keras models `model.fit` would train
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -166,13 +167,25 @@ class PackedMLP(PackNoise):
             return tf.TensorSpec([None] * open_dims + tensor.shape[open_dims:].as_list(), tensor.dtype)
 
         # autograph=False: the loops are written as tf.while_loop, and converting Keras'
-        # optimizer code with autograph would cost ≈1 s of tracing per pack.
-        self.train_chunk = tf.function(
-            self._train_chunk, jit_compile=True, autograph=False,
-            input_signature=[spec(t.x, 1), spec(t.y, 1), spec(t.x_sq, 1), tf.TensorSpec([None, None], tf.int32),
-                             tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32),
-                             tf.TensorSpec([None, None, None], tf.int32), tf.TensorSpec([None], tf.int32),
-                             tf.TensorSpec([None], tf.int32)])
+        # optimizer code with autograph would cost ≈1 s of tracing per pack. Two programs:
+        # the probe after the step's update, or before it with the step's gradient
+        # (`_train_chunk`'s `with_step`; `takes_step_gradient` says which a batch size gets).
+        signature = [spec(t.x, 1), spec(t.y, 1), spec(t.x_sq, 1), tf.TensorSpec([None, None], tf.int32),
+                     tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.int32),
+                     tf.TensorSpec([None, None, None], tf.int32), tf.TensorSpec([None], tf.int32),
+                     tf.TensorSpec([None], tf.int32)]
+        self.train_chunk, self._train_chunk_with_step = (
+            tf.function(functools.partial(self._train_chunk, with_step=with_step), jit_compile=True,
+                        autograph=False, input_signature=signature) for with_step in (False, True))
+
+    def takes_step_gradient(self, batch: int) -> bool:
+        """Whether the probe at this batch size runs before the step's update and takes the
+        step's own gradient (contract.noise): at batches of at least B_small, where it gives
+        |G|² the weight λ ≥ 2/(k + 1). Below, it would gain little (λ 0.25 at batch 64 with
+        4 × 128: the estimator's error stayed 0.13–0.14 on the lab grid) and cost most: XLA
+        then copies the first kernel on every step to keep its pre-update value for the
+        probe, a fixed cost per step (+4% of training time at batch 64, measured)."""
+        return self.probe_shape is not None and batch >= self.probe_shape[1]
 
     def warm_up(self, data: Dataset, steps_per_execution: int) -> None:
         """Trace and compile the functions with the shapes training will use, changing no
@@ -225,8 +238,8 @@ class PackedMLP(PackNoise):
         for i, rows in (probes or {}).items():
             probe_rows[i], probe_at[i] = rows, 1
         norm_at[list(norms_at)] = 1
-        out = self.train_chunk(t.x, t.y, t.x_sq, idx, counts, tf.constant(steps, tf.int32),
-                               probe_rows, probe_at, norm_at)
+        program = self._train_chunk_with_step if self.takes_step_gradient(idx.shape[1]) else self.train_chunk
+        out = program(t.x, t.y, t.x_sq, idx, counts, tf.constant(steps, tf.int32), probe_rows, probe_at, norm_at)
         self.batch_sizes.add(idx.shape[1])
         if validate:
             self._ready("validate")
@@ -306,14 +319,14 @@ class PackedMLP(PackNoise):
 
     # -- compiled functions -----------------------------------------------------------
 
-    def _train_chunk(self, x_all, y_all, x_sq, idx, counts, n_steps, probe_rows, probe_at, norm_at):
+    def _train_chunk(self, x_all, y_all, x_sq, idx, counts, n_steps, probe_rows, probe_at, norm_at, *, with_step):
         """`n_steps` training steps on the rows idx[i, :counts[i]] (x_sq: each training
         row's squared norm, for `_example_norms`, taken where norm_at[i] and on one step
         in ⌊EXAMPLE_NORM_EVERY / batch⌋); at step i where probe_at[i], the probe's small
-        batches probe_rows[i] ([k, B_small]) at the weights of step i's gradient, before
-        its update (so that gradient, of other rows, is a second estimate of the same
-        gradient: contract.noise), and the dot product and cosine of step i's gradient with
-        their mean (one program for a chunk: a separate call
+        batches probe_rows[i] ([k, B_small]), `with_step` at the weights of step i's
+        gradient, before its update (so that gradient, of other rows, is a second estimate
+        of the same gradient: contract.noise), else at the weights the update left; and
+        the dot product and cosine of step i's gradient with their mean (one program for a chunk: a separate call
         and a chunk cut at each measurement cost ≈5 ms each, more than the probe's
         arithmetic)."""
         batch = tf.shape(idx)[1]
@@ -342,6 +355,8 @@ class PackedMLP(PackNoise):
             else:
                 grads = tape.gradient(total, self.trainable)
             losses = tf.tensor_scatter_nd_update(losses, [[i]], loss[None])
+            if not with_step:
+                self.optimizer.apply(grads, self.trainable)
             if self.probe_shape is not None:
                 def probe():
                     rows = probe_rows[i]
@@ -354,7 +369,8 @@ class PackedMLP(PackNoise):
 
                 probe_small, probe_big, probe_cross, probe_cosine = tf.cond(
                     probe_at[i] > 0, probe, lambda: (probe_small, probe_big, probe_cross, probe_cosine))
-            self.optimizer.apply(grads, self.trainable)
+            if with_step:
+                self.optimizer.apply(grads, self.trainable)
             return (i + 1, losses, loss_sum + loss * count, right_sum + right, small, big,
                     probe_small, probe_big, probe_cross, probe_cosine)
 
