@@ -357,7 +357,7 @@ class NoiseSchedule:
         the step's own gradient at the probe's weights (`probe_estimate`); as `record` (a
         per-example member whose steps gave no estimate: {})."""
         block, self._block = self._block, np.zeros_like(self._block)
-        pairs, cosines = [], []
+        pairs, cosines, crossed = [], [], [False] * len(self.estimators)
         for j, estimator in enumerate(self.estimators):
             if estimator == PER_EXAMPLE:
                 pairs.append((block[j, 0] / block[j, 2], block[j, 1] / block[j, 2]) if block[j, 2] else None)
@@ -366,8 +366,11 @@ class NoiseSchedule:
                 cross = (probe[3][j], probe[4]) if len(probe) > 3 else (None, None)
                 pairs.append(self._probe_pair(probe[0][j], probe[1][j], *cross))
                 cosines.append(probe[2][j] if probe[2] is not None else None)
-                self.crossed[j] += cross[0] is not None and bool(np.isfinite(cross[0]))
-        return self._update(step, pairs, cosines, alive)
+                crossed[j] = cross[0] is not None and bool(np.isfinite(cross[0]))
+        out = self._update(step, pairs, cosines, alive)
+        for j, took in enumerate(crossed):  # counted only where the measurement went into the average
+            self.crossed[j] += took and bool(out[j])
+        return out
 
     def _probe_pair(self, small_sq, big_sq, cross=None, cross_batch=None) -> tuple[float, float]:
         s = self.settings

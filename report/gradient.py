@@ -135,10 +135,14 @@ def _method(settings: dict, measured: dict, manifests: dict) -> str:
     for some of the runs (the trainer's default: per example without batch norm)."""
     by_way: dict[str, list[dict]] = {}
     normed = set()
+    crossed: dict[bool, set] = {True: set(), False: set()}  # probe runs' batch sizes, with the step's gradient or not
     for run, m in measured.items():
         by_way.setdefault(m.get("estimator", "probe"), []).append(m)
-        if m.get("estimator", "probe") == "probe" and (manifests[run].get("spec") or {}).get("batch_norm"):
+        spec = manifests[run].get("spec") or {}
+        if m.get("estimator", "probe") == "probe" and spec.get("batch_norm"):
             normed.add(run)
+        if m.get("estimator", "probe") == "probe" and "with_step_gradient" in m and spec.get("batch_size"):
+            crossed[m["with_step_gradient"] > 0].add(spec["batch_size"])
     both = len(by_way) > 1
     texts = []
     if "per_example" in by_way:
@@ -159,11 +163,23 @@ def _method(settings: dict, measured: dict, manifests: dict) -> str:
             f"batch of {probe['big_batch']}" + (f"; rows drawn with probe_seed = {probe['probe_seed']}"
                                                  if probe.get("probe_seed") else "")
             + "), and estimated |G|² and tr(Σ) from E|G_B|² = |G|² + tr(Σ)/B (McCandlish et al. 2018, App. A.1)"
-            + (". Where the probe ran inside the training step (before its update), the dot product of the step's "
-               "own batch gradient, from other examples at the same weights, with their mean is a second estimate "
-               "of |G|², averaged in with the weight 2B/((k − 1)·B_small + 2B) for a step of B examples and k small "
-               "batches of B_small" if probe.get("with_step_gradient") else "") + ".")
+            + (_step_gradient(crossed) if crossed[True] else "") + ".")
     return " ".join(texts)
+
+
+def _step_gradient(crossed: dict[bool, set]) -> str:
+    """The method's clause on the step's own gradient, naming the batch sizes it served."""
+    def sizes(values):
+        values = [f"{b:,}" for b in sorted(values)]
+        return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " and " + values[-1]
+    plural = len(crossed[True]) > 1
+    text = (f". At batch size{'s' if plural else ''} {sizes(crossed[True])} the probe ran inside the training "
+            "step (before its update), and the dot product of the step's own batch gradient, from other examples "
+            "at the same weights, with their mean is a second estimate of |G|², averaged in with the weight "
+            "2B/((k − 1)·B_small + 2B) for a step of B examples and k small batches of B_small")
+    if crossed[False] - crossed[True]:
+        text += f"; at {sizes(crossed[False] - crossed[True])} the probe ran after the update and used its batches alone"
+    return text
 
 
 def _schedule(settings: dict) -> str:

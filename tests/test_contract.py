@@ -144,6 +144,17 @@ def test_one_schedule_measures_every_n_examples_and_each_epoch_end_once():
         check_examples(settings, 11)
 
 
+def test_the_step_gradient_count_covers_only_the_measurements_averaged():
+    settings = NoiseSettings(every_examples=40, small_batch=4, batches=3, beta=0.5)
+    schedule = NoiseSchedule(settings, examples=100, batch_size=8, seed=0, members=3)
+    # Member 1 has diverged, member 2's step gave no finite cross term: only member 0 took it.
+    probe = ([2.0, 2.0, 2.0], [1.0, 1.0, 1.0], None, [1.5, 1.5, float("nan")], 8)
+    values = schedule.measure(5, alive=[True, False, True], probe=probe)
+    assert values[1] == {} and values[0] and values[2]
+    assert schedule.measurements == [1, 0, 1] and schedule.crossed == [1, 0, 0]
+    assert [schedule.summary(j)["with_step_gradient"] for j in range(3)] == [1, 0, 0]
+
+
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_files_get_the_permissions_the_umask_gives(tmp_path, umask, mode):
     old = os.umask(umask)

@@ -378,7 +378,14 @@ def test_report_gradient_section_holds_the_logged_numbers(smoke, tmp_path):
     assert main(["--logdir", str(exp_dir), "--out", str(out), "--template", "task"]) == 0
     html = (out / "report.html").read_text()
     assert "Gradient noise" in html and "B_simple over training" in html
+    # The method names where the step's own gradient served (batch 256 ≥ B_small = 128 with
+    # batch norm) and where not (64): as the runs' manifests count it.
+    assert ("At batch size 256 the probe ran inside the training step" in html
+            and "at 64 the probe ran after the update and used its batches alone" in html)
     logs = load_logs(exp_dir)
+    crossed = {m["spec"]["batch_size"]: m["gradient_noise"]["with_step_gradient"] > 0
+               for m in logs.manifests.values() if m["gradient_noise"]["estimator"] == "probe"}
+    assert crossed == {64: False, 256: True}
     s = logs.scalars
     runs = {(r.initializer, r.batch_size, r.batch_norm): exp.run_name(r) for r in exp.runs}  # one seed each
 
