@@ -188,6 +188,8 @@ def test_the_probe_inside_a_chunk_sees_the_weights_of_its_step(trained, data, ba
     keys = ("probe_small", "probe_big", "probe_cosine", "probe_cross") if with_step else ("probe_small", "probe_big")
     for key, want in zip(keys, still):
         np.testing.assert_allclose(inside[key][1], want, rtol=1e-5)
+    # After the update the step's gradient is of other weights: no cross term for |G|².
+    assert np.isfinite(inside["probe_cross"][1]).all() == with_step
 
 
 def test_a_member_does_not_depend_on_its_pack_mates(data):

@@ -249,9 +249,9 @@ def _measure(noise: NoiseSchedule, pack: PackedMLP, out: dict, counts: np.ndarra
         probe = None
         if pack.probe_shape is not None:
             cosine = out["probe_cosine"][end - 1] if epoch_end and end == len(counts) else None
-            probe = (out["probe_small"][end - 1], out["probe_big"][end - 1], cosine)
-            if pack.takes_step_gradient(pack.specs[0].batch_size):  # else the update came between them
-                probe += (out["probe_cross"][end - 1], int(counts[end - 1]))
+            # The cross term is NaN where the update came between the step and the probe.
+            probe = (out["probe_small"][end - 1], out["probe_big"][end - 1], cosine,
+                     out["probe_cross"][end - 1], int(counts[end - 1]))
         for j, values in enumerate(noise.measure(d, alive, probe)):
             writer.add(j, TRAIN, values, d)
     if pack.per_example:

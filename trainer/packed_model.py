@@ -224,7 +224,8 @@ class PackedMLP(PackNoise):
         then, if `validate`, the validation pass. numpy arrays [len(idx), members]:
         "losses" (the first `steps` rows real); with the probe "probe_small", "probe_big"
         (`_probe_noise`), "probe_cross" (the dot product of step i's own gradient with the
-        probe's big batch gradient) and "probe_cosine" (theirs), NaN at steps without it; with per-example norms "example_sq", "batch_sq"
+        probe's big batch gradient, where `takes_step_gradient`; else NaN) and
+        "probe_cosine" (theirs), NaN at steps without it; with per-example norms "example_sq", "batch_sq"
         (`_example_norms`), on one step in ⌊EXAMPLE_NORM_EVERY / batch⌋ and on the steps
         `norms_at`, NaN elsewhere. Per member: "loss_sum" and "right_sum" (loss ×
         examples, right answers), "val_loss", "val_accuracy"."""
@@ -363,6 +364,8 @@ class PackedMLP(PackNoise):
                     small_sq, big_sq, mean = self._probe_noise(tf.gather(x_all, rows), tf.gather(y_all, rows))
                     cross = self._dot(grads, mean)
                     cosine = cross / tf.sqrt(self._dot(grads, grads) * big_sq)
+                    if not with_step:  # the update came between them: no estimate of |G|² (NaN)
+                        cross = tf.fill(tf.shape(cross), tf.constant(math.nan, cross.dtype))
                     return tuple(tf.tensor_scatter_nd_update(t, [[i]], v[None])
                                  for t, v in ((probe_small, small_sq), (probe_big, big_sq), (probe_cross, cross),
                                               (probe_cosine, cosine)))
