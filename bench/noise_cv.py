@@ -19,7 +19,10 @@ With --against, a second log folder of the same runs trained with another
 spread in two: the estimator's own error, from the two values of each run (RMS of
 (log a − log b)/√2 over the cell's runs), and what is left, the runs' own differences
 (`own`: 1 − error² / the cell's variance of log B_simple, at least 0); with `r` the
-correlation of the runs' log values between the two folders (with 3 runs or more). The last line is then
+correlation of the runs' log values between the two folders (with 3 runs or more). Where the
+probe took the step's own gradient, that gradient is the same in both folders (the same
+training rows), so its share of the noise counts as the runs' own: the error printed is
+then a lower bound on the estimator's. The last line is then
 `estimator error (log): <per cell>; runs' own share: <per cell>`.
 A script that reads logs, not a test: nothing here is asserted.
 """
