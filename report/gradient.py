@@ -137,11 +137,12 @@ def _method(settings: dict, measured: dict, manifests: dict) -> str:
     normed = set()
     crossed: dict[bool, set] = {True: set(), False: set()}  # probe runs' batch sizes, with the step's gradient or not
     for run, m in measured.items():
-        by_way.setdefault(m.get("estimator", "probe"), []).append(m)
+        way = m.get("estimator", "probe")
+        by_way.setdefault(way, []).append(m)
         spec = manifests[run].get("spec") or {}
-        if m.get("estimator", "probe") == "probe" and spec.get("batch_norm"):
+        if way == "probe" and spec.get("batch_norm"):
             normed.add(run)
-        if m.get("estimator", "probe") == "probe" and "with_step_gradient" in m and spec.get("batch_size"):
+        if way == "probe" and "with_step_gradient" in m and spec.get("batch_size"):
             crossed[m["with_step_gradient"] > 0].add(spec["batch_size"])
     both = len(by_way) > 1
     texts = []
