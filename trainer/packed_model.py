@@ -181,10 +181,8 @@ class PackedMLP(PackNoise):
     def takes_step_gradient(self, batch: int) -> bool:
         """Whether the probe at this batch size runs before the step's update and takes the
         step's own gradient (contract.noise): at batches of at least B_small, where it gives
-        |G|² the weight λ ≥ 2/(k + 1). Below, it would gain little (λ 0.25 at batch 64 with
-        4 × 128: the estimator's error stayed 0.13–0.14 on the lab grid) and cost most: XLA
-        then copies the first kernel on every step to keep its pre-update value for the
-        probe, a fixed cost per step (+4% of training time at batch 64, measured)."""
+        |G|² the weight λ ≥ 2/(k + 1). Below, it would gain little: λ 0.25 at batch 64 with
+        4 × 128, and the estimator's error stayed 0.13–0.14 on the lab grid with it."""
         return self.probe_shape is not None and batch >= self.probe_shape[1]
 
     def warm_up(self, data: Dataset, steps_per_execution: int) -> None:
@@ -368,10 +366,17 @@ class PackedMLP(PackNoise):
                         cross = tf.fill(tf.shape(cross), tf.constant(math.nan, cross.dtype))
                     return tuple(tf.tensor_scatter_nd_update(t, [[i]], v[None])
                                  for t, v in ((probe_small, small_sq), (probe_big, big_sq), (probe_cross, cross),
-                                              (probe_cosine, cosine)))
+                                              (probe_cosine, cosine))) + (tf.identity(grads[0]),)
 
-                probe_small, probe_big, probe_cross, probe_cosine = tf.cond(
-                    probe_at[i] > 0, probe, lambda: (probe_small, probe_big, probe_cross, probe_cosine))
+                # The first kernel's gradient passes through the cond, so that the update
+                # after it depends on it: else XLA, free to order the probe's reads of the
+                # weights after the update, copies the first kernel on every step to keep
+                # its pre-update value (2.4 MB for the lab pack, ≈4% of a step at batch
+                # 128–512; seen as a copy in the optimized HLO and measured).
+                probe_small, probe_big, probe_cross, probe_cosine, first = tf.cond(
+                    probe_at[i] > 0, probe,
+                    lambda: (probe_small, probe_big, probe_cross, probe_cosine, tf.identity(grads[0])))
+                grads = [first, *grads[1:]]
             if with_step:
                 self.optimizer.apply(grads, self.trainable)
             return (i + 1, losses, loss_sum + loss * count, right_sum + right, small, big,
