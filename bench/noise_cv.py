@@ -5,12 +5,13 @@
 
 Prints one table, a row per (batch norm, batch size) cell: the mean, std (ddof 1) and
 CV = std / mean over every run of the cell (for the lab grid 3 initializers × 3 seeds =
-9) and how many runs logged a value; the CV over the seeds of each initializer (3 for
+9) with its 95% interval (`cv_interval`) and how many runs logged a value; the CV over the seeds of each initializer (3 for
 the lab grid), their mean and the largest; the median relative width (high − low) /
 B_simple of the logged epoch-end interval; the measurements per run (run.json). The last
 line is `worst CV: <all runs> (all runs), <per initializer> (per initializer); RMS CV over
 cells: <all runs>; runs without a value: <n>` (with 9 runs a cell's CV is itself
-uncertain by about ±25%, so the RMS over cells is the steadier summary).
+uncertain: a CV of 0.20 has the interval 0.13–0.39, so the RMS over cells is the steadier
+summary).
 
     python -m bench.noise_cv --logdir logs/lab --against logs/lab-probe1
 
@@ -67,6 +68,23 @@ def cv(values: list[float]) -> tuple[float, float, float]:
     return mean, std, std / mean if mean else math.nan
 
 
+def cv_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """The CV's interval for log-normal values (B_simple is a positive ratio, its spread
+    multiplicative): the χ² interval of the variance of log values, n − 1 degrees of
+    freedom, through CV = √(exp σ² − 1). It takes the runs as independent; runs that share
+    a seed are not quite, so the true interval is, if anything, wider."""
+    from scipy import stats
+
+    logs = np.log(np.asarray([v for v in values if v > 0], float))
+    n = len(logs)
+    if n < 2:
+        return math.nan, math.nan
+    ss = float(np.var(logs, ddof=1)) * (n - 1)
+    tail = (1 - level) / 2
+    low, high = ss / stats.chi2.ppf(1 - tail, n - 1), ss / stats.chi2.ppf(tail, n - 1)
+    return math.sqrt(math.expm1(low)), math.sqrt(math.expm1(high))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.noise_cv", description=__doc__.splitlines()[0])
     p.add_argument("--logdir", type=Path, default=Path("logs/lab"), help="one experiment's log folder")
@@ -86,7 +104,7 @@ def main(argv=None) -> int:
     shown = {k: settings[k] for k in ("every", "every_examples", "batches", "small_batch", "beta", "measurements_per_epoch")
              if k in settings} or {k: v for k, v in settings.items() if k not in ("tags", "measurements")}
     print(f"{args.logdir}: {sum(map(len, cells.values()))} runs; [gradient_noise] {shown}")
-    print(f"{'BN':>3} {'batch':>6} | {'mean':>8} {'std':>8} {'CV':>6} {'runs':>6} | "
+    print(f"{'BN':>3} {'batch':>6} | {'mean':>8} {'std':>8} {'CV':>6} {'95% CI':>11} {'runs':>6} | "
           f"{'CV/init mean':>12} {'max':>6} | {'rel. width':>10} {'meas./run':>9}")
     worst_all = worst_init = 0.0
     squares = []
@@ -108,7 +126,7 @@ def main(argv=None) -> int:
         squares.append(c * c)
         if init_cvs:
             worst_init = max(worst_init, max(init_cvs))
-        print(f"{'on' if bn else 'off':>3} {bs:>6} | {mean:8.1f} {std:8.1f} {c:6.2f} {len(have):>2} of {len(runs):<2}| "
+        print(f"{'on' if bn else 'off':>3} {bs:>6} | {mean:8.1f} {std:8.1f} {c:6.2f} {'%.2f–%.2f' % cv_interval(have):>11} {len(have):>2} of {len(runs):<2}| "
               f"{(np.mean(init_cvs) if init_cvs else math.nan):12.2f} {(max(init_cvs) if init_cvs else math.nan):6.2f} | "
               f"{(np.median(widths) if widths else math.nan):10.2f} {(np.mean(meas) if meas else math.nan):9.1f}")
     print(f"worst CV: {worst_all:.2f} (all runs), {worst_init:.2f} (per initializer); "
