@@ -18,6 +18,7 @@ from contract.layout import FINISHED
 
 ROOT = Path(__file__).resolve().parent.parent
 KILL_KINDS = ("random", "manifest", "step", "flush")
+KILLS = 3 * len(KILL_KINDS)
 
 
 def trainer_cmd(npz: Path, logdir: Path, *extra: str) -> list[str]:
@@ -100,7 +101,9 @@ def report_structure(exp_dir: Path, out: Path) -> dict:
 
 @pytest.mark.slow
 def test_sigkill_at_any_moment_loses_nothing(tmp_path, synthetic_npz, smoke):
-    """20 SIGKILLs at random moments and at named points (mid-step, mid-flush, mid-manifest)."""
+    """12 SIGKILLs, 3 of each kind: at random moments and at named points (mid-step,
+    mid-flush, mid-manifest). Each trial starts a fresh trainer (TensorFlow's import and
+    compile, ≈13 s), so the count is what keeps the suite under 15 minutes (20 had cost 325 s)."""
     rng = random.Random(6)
     code, reference_dir, _ = smoke
     assert code == 0
@@ -108,7 +111,7 @@ def test_sigkill_at_any_moment_loses_nothing(tmp_path, synthetic_npz, smoke):
     kills, completions, takeovers, grid = 0, 0, 0, 0
     frozen: dict[str, dict[str, bytes]] = {}
     logdir = tmp_path / "grid0"
-    while kills < 20:
+    while kills < KILLS:
         kind = KILL_KINDS[kills % len(KILL_KINDS)]
         fault = {} if kind == "random" else {"TRAINER_FAULT": f"{kind}:{rng.randint(1, 6)}"}
         proc = start(trainer_cmd(synthetic_npz, logdir), **fault)
@@ -140,7 +143,7 @@ def test_sigkill_at_any_moment_loses_nothing(tmp_path, synthetic_npz, smoke):
         grid += 1
         logdir, frozen = tmp_path / f"grid{grid}", {}
     assert takeovers >= 1  # at least one kill left a run mid-training and a lock behind
-    # The last grid, left wherever the 20th kill stopped it, is finished by one more rerun.
+    # The last grid, left wherever the last kill stopped it, is finished by one more rerun.
     final = subprocess.run(trainer_cmd(synthetic_npz, logdir), cwd=ROOT, capture_output=True,
                            text=True, env=env_with(), timeout=300)
     assert final.returncode == 0, final.stdout + final.stderr
