@@ -292,6 +292,8 @@ def report(exp, plain: dict, ours: dict[str, dict], plain_s: float, seconds: dic
               f"precision {', '.join(sorted({m.get('precision', 'float32') for m in runs.values()}))}; "
               f"all runs complete with per-step losses: "
               f"{all(m['steps'] > 0 and m['status'] == COMPLETE for m in runs.values())}")
+    hardware = next(iter(first.values())).get("hardware") or {}
+    print(f"machine: {hardware.get('cpu', '?')}, {hardware.get('cpu_count', '?')} CPU threads")
     flops = grid_flops(exp, dataset["train_examples"], dataset["validation_examples"])
     gflops = matmul_gflops()
     floor = f"compute floor: {flops / 1e12:.2f} TFLOP ÷ {gflops:.1f} GFLOP/s (1024² float32 matmul) " \

@@ -1,4 +1,5 @@
 """The benchmark scripts run and count what they say (their timings are printed, not asserted)."""
+import os
 import re
 import subprocess
 import sys
@@ -67,6 +68,8 @@ def test_make_bench_quick_runs_from_a_fresh_checkout(synthetic_npz):
     lines = result.stdout.strip().splitlines()
     assert re.fullmatch(r"speedup: \d+\.\d\dx", lines[-1])
     assert any(line.startswith("compute floor: ") for line in lines)
+    from trainer.manifest import cpu_name  # the ratio names its host, as run.json records it
+    assert f"machine: {cpu_name()}, {os.cpu_count()} CPU threads" in lines
     assert any(line.startswith("ours ") and line.endswith("all runs complete with per-step losses: True")
                for line in lines)
     assert "cuInit" not in result.stderr and "oneDNN custom operations" not in result.stderr

@@ -355,3 +355,15 @@ def test_tblab_keeps_the_contracts_rules():
     assert modules
     assert [f"{p.name}:{line}" for p in modules for line, text in _string_constants(p) if text in spelled_once] == []
     assert {p.name: n for p in modules if (n := len(p.read_text().splitlines())) > 450} == {}
+
+
+def test_cpu_name_says_which_host_and_its_bfloat16_units():
+    from trainer.manifest import cpu_name
+
+    intel = ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n"
+             "model name\t: Intel(R) Xeon(R) Platinum 8480C\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n"
+             "\nprocessor\t: 1\nmodel name\t: another\n")
+    assert cpu_name(intel) == "Intel(R) Xeon(R) Platinum 8480C (family 6 model 143; bfloat16: amx_bf16, avx512_bf16)"
+    amd = "processor\t: 0\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx512f avx512_bf16\n"
+    assert cpu_name(amd) == "AMD EPYC (family 26 model 2; bfloat16: avx512_bf16)"
+    assert cpu_name("model name\t: Some CPU\nflags\t\t: fpu sse2\n") == "Some CPU (bfloat16: none)"

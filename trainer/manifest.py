@@ -183,12 +183,29 @@ def hardware() -> dict[str, Any]:
     import tensorflow as tf
 
     gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "gpus": gpus, "platform": platform.platform()}
+    return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "gpus": gpus, "platform": platform.platform()}
+
+
+def cpu_name(cpuinfo: str | None = None) -> str:
+    """The CPU's model name, with its family and model numbers and its bfloat16 units
+    (a virtual machine may say only "AMD EPYC", and speed ratios differ between hosts
+    that all say so: this names which one a measurement ran on)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor's block
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    detail = []
+    if "cpu family" in fields and "model" in fields:
+        detail.append(f"family {fields['cpu family']} model {fields['model']}")
+    detail.append(f"bfloat16: {', '.join(bf16) if bf16 else 'none'}")
+    return f"{name} ({'; '.join(detail)})"
