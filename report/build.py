@@ -295,8 +295,8 @@ class Builder:
         gpus = ", ".join(hw.get("gpus") or []) or "no GPU"
         self.doc.text(sec, (
             f"Framework: TensorFlow {versions.get('tensorflow', '?')} with Keras {versions.get('keras', '?')}, "
-            f"Python {versions.get('python', '?')}. Hardware: {hw.get('cpu', '?')} "
-            f"({hw.get('cpu_count', '?')} CPU threads), {gpus}."))
+            f"Python {versions.get('python', '?')}. Hardware: {hw.get('cpu', '?')}, "
+            f"{hw.get('cpu_count', '?')} CPU threads, {gpus}."))
         model = first.get("model")
         if model:
             rows = [[l["name"], l["type"], l["output_shape"], f"{l['params']:,}"] for l in model["layers"]]
