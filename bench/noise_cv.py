@@ -6,8 +6,9 @@
 Prints one table, a row per (batch norm, batch size) cell: the mean, std (ddof 1) and
 CV = std / mean over every run of the cell (for the lab grid 3 initializers × 3 seeds =
 9) with its 95% interval (`cv_interval`) and how many runs logged a value; the CV over
-the seeds of each initializer (3 for the lab grid), their mean and the largest; the median relative width (high − low) /
-B_simple of the logged epoch-end interval; the measurements per run (run.json). The last
+the seeds of each initializer (3 for the lab grid), their mean and the largest; the
+median relative width (high − low) / B_simple of the logged epoch-end interval; the
+measurements per run (run.json). The last
 line is `worst CV: <all runs> (all runs), <per initializer> (per initializer); RMS CV over
 cells: <all runs>; runs without a value: <n>` (with 9 runs a cell's CV is itself
 uncertain: a CV of 0.20 has the interval 0.13–0.39, so the RMS over cells is the steadier
