@@ -34,6 +34,46 @@ def test_grid_flops_counts_the_cnn_convolution():
 
 
 @pytest.mark.slow
+def epoch_orders(fit, seed=0, n=64, batch=8, epochs=3):
+    """The rows each epoch of `fit(model, x, y, ...)` trained on, in order, after
+    `keras.utils.set_random_seed(seed)`: a model whose step records its batch."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    seen = tf.Variable(tf.zeros([epochs * n // batch, batch]))
+
+    class Recorder(keras.Model):
+        def train_step(self, data):
+            rows = tf.cast(self.optimizer.iterations.value, tf.int32)
+            seen.scatter_nd_update([[rows]], [data[0][:, 0]])
+            self.optimizer.iterations.assign_add(1)
+            return {"loss": tf.constant(0.0)}
+
+    inputs = keras.Input((1,))
+    model = Recorder(inputs, keras.layers.Dense(1)(inputs))
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.arange(n, dtype="float32")[:, None]
+    fit(model, x, np.zeros(n, "float32"), batch_size=batch, epochs=epochs, verbose=0)
+    return seen.numpy().reshape(epochs, n).astype(int)
+
+
+def test_plain_loop_draws_a_new_order_each_epoch_as_the_documents_do():
+    """The documents seed nothing, so `fit` shuffles anew each epoch; the benchmark seeds
+    the initial weights, and under that seed Keras' own `fit` repeats one order (the
+    reason for `plain_fit`)."""
+    import numpy as np
+
+    from bench.grid_speed import plain_fit
+
+    keras_alone = epoch_orders(lambda model, x, y, **kw: model.fit(x, y, **kw))
+    assert (keras_alone[0] == keras_alone[1]).all() and (keras_alone[1] == keras_alone[2]).all()
+    orders = epoch_orders(plain_fit)
+    assert all(sorted(order) == list(range(64)) for order in orders)  # each epoch every row once
+    assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
+
+
 def test_report_benchmark_prints_each_time_and_the_ratio(fixture_logs):
     result = subprocess.run([sys.executable, "-m", "bench.report_speed", "--logdir", str(fixture_logs)],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)

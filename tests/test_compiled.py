@@ -333,3 +333,46 @@ def test_bfloat16_grid_with_seeds_finishes_close_to_float32(tmp_path, synthetic_
         f32 = np.array([acc["float32", bn, s] for s in range(3)])
         bf16 = np.array([acc["bfloat16", bn, s] for s in range(3)])
         assert abs(bf16.mean() - f32.mean()) <= max(2 * f32.std(ddof=1), 0.02), (bn, f32, bf16)
+
+
+@pytest.mark.slow
+def test_keras_engine_trains_on_the_compiled_engines_batches(tmp_path, synthetic_npz):
+    """The Keras engine (`model.fit`) and the compiled engine on one run: the same data
+    order every epoch (`trainer.data.epoch_order`), so the same step losses, and the same
+    epochs (steps_per_execution 4 does not divide an epoch's 10 steps), so the same epoch
+    losses. Keras' own shuffle would differ from the first step, and would repeat epoch
+    1's order after it."""
+    from tbparse import SummaryReader
+
+    from trainer.cli import main
+
+    losses = {}
+    for engine in ("keras", "compiled"):
+        path = tmp_path / f"{engine}.toml"
+        path.write_text(textwrap.dedent(f"""
+            [data]
+            validation = "test"
+            limit = 300
+            [run]
+            hidden = [16]
+            activation = "tanh"
+            epochs = 3
+            batch_size = 32
+            [execution]
+            engine = "{engine}"
+            steps_per_execution = 4
+            [gradient_noise]
+            enabled = false
+        """))
+        assert main(["--experiment", str(path), "--data", str(synthetic_npz), "--logdir", str(tmp_path)]) == 0
+        df = SummaryReader(str(tmp_path / engine), extra_columns={"dir_name"}).tensors
+        step = df[df["tag"] == "step_loss"].sort_values("step")
+        assert step["step"].tolist() == list(range(1, 3 * math.ceil(300 / 32) + 1))  # 9 whole + 1 partial
+        losses[engine] = step["value"].astype(float).to_numpy()
+        for split in ("train", "validation"):
+            epochs = df[(df["tag"] == "epoch_loss") & (df["dir_name"].str.endswith(split))].sort_values("step")
+            assert epochs["step"].tolist() == [0, 1, 2]
+            losses[engine, split] = epochs["value"].astype(float).to_numpy()
+    for key in ("keras", ("keras", "train"), ("keras", "validation")):
+        other = "compiled" if key == "keras" else ("compiled", key[1])
+        np.testing.assert_allclose(losses[key], losses[other], rtol=1e-4, err_msg=str(key))

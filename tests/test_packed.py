@@ -314,7 +314,8 @@ def test_runs_are_packed_by_shared_data_order(tmp_path):
 @pytest.mark.slow
 def test_fused_and_keras_engines_log_the_same_layout(tmp_path, synthetic_npz):
     """The same grid on both engines: same runs, tags and step numbers, and final
-    validation losses from the same distribution (different shuffles, not the same bits)."""
+    validation losses from the same distribution (the same data order, `epoch_order`, but
+    different programs and initial draws: not the same bits)."""
     from tbparse import SummaryReader
 
     from trainer.cli import main

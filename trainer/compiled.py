@@ -54,7 +54,7 @@ MIN_CHUNK_EXAMPLES = 2048
 
 def epoch_batches(n: int, batch: int, seed: int, epoch: int) -> list[np.ndarray]:
     """An epoch's batches as row indices, the last one partial: the fused engine's order
-    (`trainer.packed._batches`: a permutation from (seed, epoch) alone)."""
+    (`trainer.data.epoch_order`: a permutation from (seed, epoch) alone)."""
     from trainer.packed import _batches
 
     idx, counts = _batches(n, batch, seed, epoch)

@@ -24,6 +24,13 @@ IDX_FILES = {
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of the n training rows in epoch `epoch` of a run with this seed: a
+    permutation from (seed, epoch) alone, the same in every engine (the fused and compiled
+    engines batch it; the Keras engine feeds it to `fit`)."""
+    return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
+
+
 class DatasetUnavailable(Exception):
     """No copy of the dataset could be found; the message names the three ways to get one."""
 

@@ -7,12 +7,13 @@ import traceback
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from contract.layout import COMPLETE, DIVERGED, FAILED, INTERRUPTED, SPLITS, TRAIN, VALIDATION
 from contract.spec import RunSpec
 from trainer import events, faults, interrupt
-from trainer.data import Dataset
+from trainer.data import Dataset, epoch_order
 from trainer.manifest import begin_run, finish_run, one_line
 from trainer.models import build_model, make_optimizer, summarize
 from trainer.noise_probe import GradientNoise
@@ -93,7 +94,8 @@ def train_run(experiment: Experiment, spec: RunSpec, data: Dataset, run_dir: Pat
         if spec.loss == "categorical_crossentropy":
             classes = int(data.y_train.max()) + 1
             y_train, y_val = (keras.utils.to_categorical(y, classes) for y in (y_train, y_val))
-        callbacks = [scalars]
+        batches = OrderedBatches(data.x_train, y_train, spec)
+        callbacks = [batches, scalars]
         if experiment.gradient_noise.enabled:
             # Before EpochScalars: its end-of-epoch flush then covers the gradient scalars too.
             noise = GradientNoise(experiment.gradient_noise, x=data.x_train, y=y_train,
@@ -102,9 +104,9 @@ def train_run(experiment: Experiment, spec: RunSpec, data: Dataset, run_dir: Pat
             callbacks.insert(0, noise)
         with writers[TRAIN].as_default():
             model.fit(
-                data.x_train, y_train, batch_size=spec.batch_size, epochs=spec.epochs,
+                batches.dataset, epochs=spec.epochs,
                 validation_data=(data.x_val, y_val), validation_batch_size=max(spec.batch_size, 1024),
-                shuffle=True, verbose=verbose, callbacks=callbacks,
+                shuffle=False, verbose=verbose, callbacks=callbacks,
             )
         interrupt.check()  # a signal swallowed inside TensorFlow during the last batches
         status = DIVERGED if scalars.diverged else COMPLETE
@@ -116,6 +118,36 @@ def train_run(experiment: Experiment, spec: RunSpec, data: Dataset, run_dir: Pat
         manifest["traceback"] = traceback.format_exc()
         status = FAILED
     return _finish(manifest, model, scalars, data, spec, start, status, run_dir, writers, noise)
+
+
+class OrderedBatches(keras.callbacks.Callback):
+    """The training batches in the other engines' order (`trainer.data.epoch_order`; an
+    epoch's last batch partial): `dataset`, for `fit`, yields the batches of the epoch
+    this callback last saw begin (fit starts an iterator of it each epoch, after
+    `on_epoch_begin`).
+
+    Not `fit(x, y, shuffle=True)`: once a global seed is set (`set_random_seed`, for the
+    initial weights), Keras 3's shuffle of arrays draws the same permutation every epoch
+    (seen with keras 3.15: each epoch's iterator restarts the seeded shuffle op). Nor one
+    iterator over all epochs with `steps_per_epoch`: fit then runs steps_per_execution
+    steps a call past an epoch's end, into the next epoch's batches.
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, spec: RunSpec):
+        super().__init__()
+        self.epoch = tf.Variable(0)
+        orders = tf.constant(np.stack([epoch_order(len(x), spec.seed, e) for e in range(spec.epochs)]))
+        xs, ys = tf.constant(x), tf.constant(y)
+        steps = math.ceil(len(x) / spec.batch_size)
+        rows = tf.data.Dataset.range(1).flat_map(lambda _: tf.data.Dataset.from_tensor_slices(
+            tf.gather(orders, self.epoch.read_value())).batch(spec.batch_size))
+        # The known length lets fit end every epoch at its last batch.
+        rows = rows.apply(tf.data.experimental.assert_cardinality(steps))
+        self.dataset = rows.map(lambda i: (tf.gather(xs, i), tf.gather(ys, i)),
+                                num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch.assign(epoch)
 
 
 def _finish(manifest, model, scalars, data, spec, start, status, run_dir, writers, noise) -> dict:

@@ -24,7 +24,7 @@ from contract.layout import COMPLETE, DIVERGED, EPOCH_ACCURACY, EPOCH_LOSS, FAIL
 from contract.noise import NoiseSchedule, roughness
 from contract.spec import PER_EXAMPLE, PROBE, RunSpec
 from trainer import events, faults, interrupt
-from trainer.data import Dataset
+from trainer.data import Dataset, epoch_order
 from trainer.manifest import begin_run, finish_run, one_line, pack_entry
 from trainer.packed_model import PackedMLP, structure_key
 from trainer.spec import Experiment
@@ -93,8 +93,9 @@ def prepare(experiment: Experiment, specs: list[RunSpec], data: Dataset) -> Pack
 
 
 def _batches(n: int, batch: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """An epoch's shuffled batches as indices [steps, batch] (the last padded) and row counts."""
-    order = np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
+    """An epoch's batches of `trainer.data.epoch_order` as indices [steps, batch] (the last
+    padded) and row counts."""
+    order = epoch_order(n, seed, epoch)
     steps = math.ceil(n / batch)
     idx = np.zeros(steps * batch, np.int32)
     idx[:n] = order
