@@ -33,7 +33,6 @@ def test_grid_flops_counts_the_cnn_convolution():
     assert grid_flops(exp, 1000, 100) == 3 * per_run
 
 
-@pytest.mark.slow
 def epoch_orders(fit, seed=0, n=64, batch=8, epochs=3):
     """The rows each epoch of `fit(model, x, y, ...)` trained on, in order, after
     `keras.utils.set_random_seed(seed)`: a model whose step records its batch."""
@@ -74,6 +73,7 @@ def test_plain_loop_draws_a_new_order_each_epoch_as_the_documents_do():
     assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
 
 
+@pytest.mark.slow
 def test_report_benchmark_prints_each_time_and_the_ratio(fixture_logs):
     result = subprocess.run([sys.executable, "-m", "bench.report_speed", "--logdir", str(fixture_logs)],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
